@@ -1,0 +1,73 @@
+"""Shared fixtures: one emulator per test session, served over real sockets on a free port,
+reset before each test that uses it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from crisp_pipeline.crisp import CrispClient, CrispSettings, RetryPolicy, Secret
+from crisp_pipeline.emulator import EmulatorConfig, RunningEmulator, TokenSpec, start_in_thread
+
+WEBSITE = "website-main"
+OTHER_WEBSITE = "website-other"
+PLUGIN = TokenSpec("plugin-id", "plugin-key-7f3a9c-SECRET", "plugin")
+WEBSITE_TOKEN = TokenSpec("website-id", "website-key-SECRET", "website")
+USER = TokenSpec("user-id", "user-key-SECRET", "user")
+ADMIN_KEY = "admin-key-for-tests"
+
+# Fast retries so that fault tests do not sleep for seconds.
+FAST_RETRY = RetryPolicy(max_attempts=8, initial_wait=0.01, max_wait=0.1, max_total_wait=10)
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[RunningEmulator]:
+    config = EmulatorConfig(website_ids=[WEBSITE, OTHER_WEBSITE],
+                            tokens=[PLUGIN, WEBSITE_TOKEN, USER], seed=7,
+                            admin_key=ADMIN_KEY, rate_limit_per_second=None)
+    with start_in_thread(config) as running:
+        yield running
+
+
+@pytest.fixture
+def emulator(emulator_server: RunningEmulator) -> RunningEmulator:
+    """The session's emulator, emptied: no people, no faults, no log, fresh quotas."""
+    emulator_server.emulator.reset()
+    emulator_server.emulator.rate.rate = None
+    emulator_server.emulator.config.retry_after_header = False
+    emulator_server.emulator.config.rate_limit_status = 429
+    return emulator_server
+
+
+def settings_for(running: RunningEmulator, token: TokenSpec = PLUGIN,
+                 website_id: str = WEBSITE, **overrides: object) -> CrispSettings:
+    values = dict(website_id=website_id, token_identifier=token.identifier,
+                  token_key=Secret(token.key), base_url=running.base_url, tier=token.tier)
+    values.update(overrides)
+    return CrispSettings(**values)
+
+
+@pytest.fixture
+def settings(emulator: RunningEmulator) -> CrispSettings:
+    return settings_for(emulator)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def client_for(settings: CrispSettings, **options: object) -> CrispClient:
+    options.setdefault("retry", FAST_RETRY)
+    return CrispClient(settings, **options)
+
+
+@pytest.fixture
+def http(emulator: RunningEmulator) -> Iterator[httpx.Client]:
+    """A raw HTTP client on the emulator's website routes, as the plugin token."""
+    with httpx.Client(base_url=f"{emulator.base_url}website/{WEBSITE}/",
+                      auth=(PLUGIN.identifier, PLUGIN.key),
+                      headers={"X-Crisp-Tier": "plugin"}) as client:
+        yield client
