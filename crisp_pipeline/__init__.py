@@ -1,19 +1,10 @@
 """crisp-pipeline: keep a warehouse segment of people in sync with Crisp, on Dagster.
 
-`CrispActivation` (the Dagster component) is loaded lazily, so that the client and the
-emulator can be used without importing Dagster.
+`CrispActivation` is re-exported here so that `type: crisp_pipeline.CrispActivation` in a
+`defs.yaml` resolves (dg looks component types up in the registry modules).
 """
 
-from __future__ import annotations
-
-from typing import Any
+from .component import CrispActivation
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    if name == "CrispActivation":
-        from .component import CrispActivation
-
-        return CrispActivation
-    raise AttributeError(name)
+__all__ = ["CrispActivation"]

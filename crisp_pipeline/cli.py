@@ -71,5 +71,77 @@ def emulator(host: str, port: int, website_ids: tuple[str, ...], tokens: tuple[s
     serve_forever(config, host, port)
 
 
+def _db_path(db: str | None) -> str:
+    import os
+
+    from crisp_pipeline.component import DEFAULT_DB
+
+    return db or os.environ.get("CRISP_PIPELINE_DB") or DEFAULT_DB
+
+
+@main.command()
+@click.option("--db", default=None, help="DuckDB file [default: CRISP_PIPELINE_DB or "
+              "data/crisp_pipeline.duckdb].")
+@click.option("--people", default=3000, show_default=True, help="Customers in the sample.")
+@click.option("--serve", is_flag=True, help="Keep the emulator serving afterwards (for dg dev).")
+def demo(db: str | None, people: int, serve: bool) -> None:
+    """Seed a sample warehouse, start the local Crisp emulator, run every activation twice
+    (with a change to the source in between) and print what changed in Crisp."""
+    from crisp_pipeline.demo import run_demo
+
+    lines = run_demo(_db_path(db), count=people, serve=serve, echo=click.echo)
+    if not all(line.success for line in lines):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("activation")
+@click.option("--db", default=None, help="DuckDB file holding the state.")
+def plan(activation: str, db: str | None) -> None:
+    """Show the latest change set of ACTIVATION and the requests it needs."""
+    import json
+
+    from crisp_pipeline.changes.diff import counts_by_op
+    from crisp_pipeline.changes.plan import request_plan
+    from crisp_pipeline.crisp.config import daily_quota_from_env
+    from crisp_pipeline.state.store import StateStore, connect_file
+
+    store = StateStore(connect_file(_db_path(db)), f"crisp_{activation}")
+    changes = store.read_change_set()
+    if changes.is_empty() and not store.read("runs").height:
+        raise click.ClickException(f"no change set for {activation!r} yet: materialize its "
+                                   "change_set asset first")
+    click.echo(json.dumps({"activation": activation, "people": counts_by_op(changes),
+                           "plan": request_plan(changes, daily_quota_from_env())}, indent=2))
+
+
+@main.command()
+@click.option("--db", default=None, help="DuckDB file holding the state.")
+def status(db: str | None) -> None:
+    """One line per activation: people managed, last sync and its figures."""
+    import duckdb
+
+    connection = duckdb.connect(_db_path(db), read_only=True)
+    try:
+        schemas = [row[0] for row in connection.execute(
+            "select distinct table_schema from information_schema.tables "
+            "where table_schema like 'crisp\\_%' escape '\\' and table_name = 'snapshot' "
+            "order by 1").fetchall()]
+        for schema in schemas:
+            managed = connection.execute(f'select count(*) from "{schema}".snapshot').fetchone()[0]
+            last = connection.execute(
+                f'select finished_at, dry_run, people_ok, people_rejected, people_deferred, '
+                f'requests_sent from "{schema}".runs order by finished_at desc limit 1'
+            ).fetchone() if connection.execute(
+                "select count(*) from information_schema.tables where table_schema = ? "
+                "and table_name = 'runs'", [schema]).fetchone()[0] else None
+            where = f"last sync {last[0]:%Y-%m-%d %H:%M} UTC{' (dry run)' if last[1] else ''}: " \
+                f"{last[2]} ok, {last[3]} rejected, {last[4]} deferred, {last[5]} requests" \
+                if last else "never synced"
+            click.echo(f"{schema.removeprefix('crisp_'):<24} {managed:>8} managed  {where}")
+    finally:
+        connection.close()
+
+
 if __name__ == "__main__":
     main()

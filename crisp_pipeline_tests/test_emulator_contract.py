@@ -428,7 +428,7 @@ def test_dropped_connections_before_and_after_processing(emulator, http):
     emulator.emulator.set_faults(FaultPlan(drop_rate=1.0))
     outcomes = []
     for index in range(12):
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
             http.post("people/profile", json={"email": f"d{index}@x.io",
                                               "person": {"nickname": "D"}})
     emulator.emulator.set_faults(FaultPlan())

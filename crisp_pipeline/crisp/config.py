@@ -70,14 +70,22 @@ class CrispSettings:
                                      "CRISP_TOKEN_KEY") if not env.get(name)]
         if missing:
             raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
-        quota = env.get("CRISP_DAILY_QUOTA")
-        if quota is not None and not quota.strip().isdigit():
-            raise SettingsError(f"CRISP_DAILY_QUOTA must be a whole number, not {quota!r}")
         return cls(
             website_id=env["CRISP_WEBSITE_ID"],
             token_identifier=env["CRISP_TOKEN_IDENTIFIER"],
             token_key=Secret(env["CRISP_TOKEN_KEY"]),
             base_url=env.get("CRISP_API_URL") or contract.DEFAULT_BASE_URL,
             tier=env.get("CRISP_TIER") or "plugin",
-            daily_quota=int(quota) if quota else None,
+            daily_quota=daily_quota_from_env(env),
         )
+
+
+def daily_quota_from_env(environ: Mapping[str, str] | None = None) -> int | None:
+    """CRISP_DAILY_QUOTA, else the default of CRISP_TIER (needs no secret, for planning)."""
+    env = os.environ if environ is None else environ
+    quota = env.get("CRISP_DAILY_QUOTA")
+    if quota:
+        if not quota.strip().isdigit():
+            raise SettingsError(f"CRISP_DAILY_QUOTA must be a whole number, not {quota!r}")
+        return int(quota)
+    return contract.DEFAULT_DAILY_QUOTA.get(env.get("CRISP_TIER") or "plugin")

@@ -74,6 +74,9 @@ class PeopleStore:
             raise PeopleNotFound(people_id_or_email)
         return people_id
 
+    def has_email(self, website_id: str, email: str) -> bool:
+        return email.lower() in self.websites[website_id].by_email
+
     def profile(self, website_id: str, people_id: str) -> dict[str, Any]:
         return copy.deepcopy(self.websites[website_id].profiles[people_id])
 

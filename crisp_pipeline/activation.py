@@ -1,0 +1,179 @@
+"""An activation: one segment synced to one Crisp website in one mode.
+
+This is the configuration a user writes (in a `defs.yaml`, see `component.py`, or in Python),
+checked when the definitions load: unknown modes, Crisp fields that do not exist and attribute
+names Crisp refuses as people-data keys are errors whose message names the fix. What can only
+be checked against the data (a column missing from the segment, a column of a type Crisp cannot
+hold) is checked when the segment is read, before any request is sent.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crisp_pipeline.changes import fields as crisp_fields
+from crisp_pipeline.crisp import contract
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+class Mode(StrEnum):
+    UPSERT = "upsert"  # create unknown people, update known ones, never delete
+    UPDATE_ONLY = "update_only"  # update people already in Crisp, never create, never delete
+    MIRROR = "mirror"  # create, update, and delete the managed people who left the segment
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SegmentQuery(_Model):
+    """Where the segment's rows come from: a SQL query or a table (one of the two)."""
+
+    sql: str | None = None
+    table: str | None = None
+    watermark_sql: str | None = Field(
+        default=None, description="A cheap query whose single value changes when the source "
+        "does (e.g. `select max(updated_at) from customers`); drives the source sensor.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SegmentQuery:
+        if bool(self.sql) == bool(self.table):
+            raise ValueError("segment: give exactly one of `sql` or `table`")
+        if self.table and not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*){0,2}", self.table):
+            raise ValueError(f"segment.table: {self.table!r} is not a table name "
+                             "(use `schema.table`, or `sql:` for anything else)")
+        return self
+
+
+class ExternalIdentifier(_Model):
+    """People are keyed by an external id; the email column is still needed to create them."""
+
+    external_id: str
+    email: str
+
+
+class Guards(_Model):
+    """Mirror refuses to delete more than this in one run unless the run overrides it."""
+
+    max_deletes: Annotated[int, Field(ge=0)] = 500
+    max_delete_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
+
+
+class Attribute(_Model):
+    """A column written as Crisp people data, optionally under another key."""
+
+    column: str
+    key: str
+
+    @model_validator(mode="after")
+    def _valid_key(self) -> Attribute:
+        if not contract.is_valid_data_key(self.key):
+            raise ValueError(f"attribute key {self.key!r} is not a valid Crisp people-data key "
+                             "(1-64 characters of a-z, 0-9, '_' and '-'); "
+                             f"try {contract.suggest_data_key(self.key)!r}")
+        return self
+
+
+class ActivationConfig(_Model):
+    name: str
+    segment: SegmentQuery
+    identifier: str | ExternalIdentifier = "email"
+    mode: Mode = Mode.UPSERT
+    fields: dict[str, str] = Field(default_factory=dict)
+    attributes: list[str | Attribute] = Field(default_factory=list)
+    website_id: str | None = Field(
+        default=None, description="The Crisp website; CRISP_WEBSITE_ID when not set.")
+    schedule: str | None = None
+    guards: Guards = Field(default_factory=Guards)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"name {name!r}: use lower-case letters, digits and '_' "
+                             "(it names asset keys and a DuckDB schema)")
+        return name
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        for path in fields:
+            if path not in crisp_fields.PROFILE_FIELDS:
+                known = ", ".join(sorted(crisp_fields.PROFILE_FIELDS))
+                hint = (" (the identity is set with `identifier`)" if path == "email" else
+                        " (people data go under `attributes`)" if path.startswith("data") else "")
+                raise ValueError(f"fields: {path!r} is not a Crisp profile field{hint}; "
+                                 f"known fields: {known}")
+        return fields
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, attributes: list[str | Attribute]) -> list[str | Attribute]:
+        for attribute in attributes:
+            if isinstance(attribute, str) and not contract.is_valid_data_key(attribute):
+                suggestion = contract.suggest_data_key(attribute)
+                raise ValueError(
+                    f"attributes: column {attribute!r} is not a valid Crisp people-data key "
+                    "(1-64 characters of a-z, 0-9, '_' and '-'); rename it in the segment "
+                    f"(`{attribute} as {suggestion}`) or map it explicitly: "
+                    f"{{column: {attribute!r}, key: {suggestion!r}}}")
+        return attributes
+
+    @model_validator(mode="after")
+    def _no_key_twice(self) -> ActivationConfig:
+        keys = [attribute if isinstance(attribute, str) else attribute.key
+                for attribute in self.attributes]
+        if isinstance(self.identifier, ExternalIdentifier):
+            keys.append(contract.suggest_data_key(self.identifier.external_id))
+        duplicates = {key for key in keys if keys.count(key) > 1}
+        if duplicates:
+            raise ValueError(f"attributes: key(s) {sorted(duplicates)} are written twice")
+        return self
+
+    # ---------------------------------------------------------------- derived views
+
+    @property
+    def identifier_column(self) -> str:
+        return self.identifier if isinstance(self.identifier, str) else self.identifier.external_id
+
+    @property
+    def email_column(self) -> str:
+        return self.identifier if isinstance(self.identifier, str) else self.identifier.email
+
+    @property
+    def keyed_by_email(self) -> bool:
+        return isinstance(self.identifier, str)
+
+    @property
+    def data_columns(self) -> dict[str, str]:
+        """Managed people-data field (`data.<key>`) -> segment column. With an external id,
+        the id itself is written to people data too, so that it is visible in Crisp."""
+        columns = {}
+        if isinstance(self.identifier, ExternalIdentifier):
+            columns[crisp_fields.data_field(contract.suggest_data_key(
+                self.identifier.external_id))] = self.identifier.external_id
+        for attribute in self.attributes:
+            column, key = ((attribute, attribute) if isinstance(attribute, str)
+                           else (attribute.column, attribute.key))
+            columns[crisp_fields.data_field(key)] = column
+        return columns
+
+    @property
+    def managed_columns(self) -> dict[str, str]:
+        """Every field this activation writes -> the segment column it comes from. (Under an
+        external id the email is written too when it changes; the diff handles it.)"""
+        return {**self.fields, **self.data_columns}
+
+    @property
+    def source_columns(self) -> list[str]:
+        columns = [self.identifier_column, self.email_column, *self.managed_columns.values()]
+        return list(dict.fromkeys(columns))
+
+    @property
+    def state_schema(self) -> str:
+        return f"crisp_{self.name}"

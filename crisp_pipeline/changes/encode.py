@@ -1,0 +1,45 @@
+"""One canonical text for every value we manage, so that "changed" is a string comparison.
+
+A managed value is kept as its JSON text (`"pro"`, `12.5`, `true`, `["vip"]`, `null`), the
+same whether it comes from the warehouse (encoded by Polars, vectorised) or from Crisp
+(encoded by `encode_value` when a person is adopted): Polars' JSON encoder and
+`json.dumps(..., ensure_ascii=False, separators=(",", ":"))` agree on strings, numbers,
+booleans and lists. JSON `null` means "Crisp holds no value"; a SQL NULL in the snapshot means
+"never written or read", which is different.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+
+JSON_NULL = "null"
+
+
+def encode_expr(expr: pl.Expr) -> pl.Expr:
+    """The JSON text of each value of `expr` (`null` for a missing value)."""
+    return (pl.struct(expr.alias("v")).struct.json_encode()
+            .str.strip_prefix('{"v":').str.strip_suffix("}"))
+
+
+def encode_value(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_value(text: str) -> Any:
+    return json.loads(text)
+
+
+def iso_text(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Dates and timestamps as ISO 8601 strings (Crisp people data hold no date type)."""
+    if dtype == pl.Date:
+        return expr.dt.strftime("%Y-%m-%d")
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone:
+            return expr.dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ")
+        return expr.dt.strftime("%Y-%m-%dT%H:%M:%S%.f")
+    if dtype == pl.Time:
+        return expr.dt.strftime("%H:%M:%S")
+    return expr

@@ -1,0 +1,196 @@
+"""From the rows a segment query returns to the rows Crisp can take, and the rows it cannot.
+
+Two kinds of problem, handled differently:
+- the *shape* of the segment is wrong (a configured column is missing, a column has a type
+  Crisp cannot hold): `SegmentSchemaError`, raised before any row is looked at, so the run
+  stops before any request, with a message that names the column and the fix;
+- a *row* is wrong (no identifier, an invalid email, the same person twice, a value Crisp
+  refuses): the row is rejected with a reason naming the row and the field, and every other
+  row goes on. Nothing is dropped silently: every input row is either accepted or rejected.
+
+Everything is a Polars expression over the whole frame; there is no loop over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.crisp import contract
+
+from . import fields as crisp_fields
+from .encode import encode_expr, iso_text
+
+ROW = "row_number"
+IDENTIFIER = "identifier"
+EMAIL = "email"
+# While normalising, bookkeeping columns carry names no source column can have.
+_ROW, _IDENTIFIER, _EMAIL = "__crisp_row", "__crisp_identifier", "__crisp_email"
+REJECTED_SCHEMA = {ROW: pl.Int64, IDENTIFIER: pl.String, "field": pl.String,
+                   "reason": pl.String, "message": pl.String}
+
+_SCALARS = (pl.String, pl.Boolean, pl.Date, pl.Time, pl.Null, pl.Categorical, pl.Enum)
+
+
+class SegmentSchemaError(ValueError):
+    """The segment cannot be synced as configured; nothing was sent."""
+
+
+@dataclass(frozen=True)
+class NormalizedSegment:
+    accepted: pl.DataFrame  # row_number, identifier, email, then one JSON-text column per field
+    rejected: pl.DataFrame  # one row per problem: row_number, identifier, field, reason, message
+    present: pl.DataFrame  # every identifier in the source, rejected rows included
+    source_rows: int
+
+
+def _is_scalar(dtype: pl.DataType) -> bool:
+    return dtype.is_numeric() or isinstance(dtype, pl.Datetime) or any(
+        dtype == kind or isinstance(dtype, kind) for kind in _SCALARS)
+
+
+def _check_schema(frame: pl.DataFrame, config: ActivationConfig) -> None:
+    missing = [column for column in config.source_columns if column not in frame.columns]
+    if missing:
+        raise SegmentSchemaError(
+            f"activation {config.name!r}: the segment has no column(s) {missing}, which the "
+            f"configuration uses; it returns {frame.columns}. Fix the query or the mapping.")
+    for field, column in config.managed_columns.items():
+        dtype, kind = frame.schema[column], crisp_fields.kind_of(field)
+        if kind == crisp_fields.SEGMENTS:
+            ok = dtype == pl.String or dtype == pl.Null or (
+                isinstance(dtype, pl.List) and dtype.inner in (pl.String, pl.Null))
+            expected = "a list of strings or a comma-separated string"
+        elif kind == crisp_fields.INTEGER:
+            ok = dtype.is_integer() or dtype == pl.Null
+            expected = "an integer"
+        elif dtype.is_decimal():
+            ok, expected = True, ""
+        else:
+            ok = _is_scalar(dtype)
+            expected = "a string, a number, a boolean, a date or a timestamp"
+        if not ok:
+            raise SegmentSchemaError(
+                f"activation {config.name!r}: column {column!r} (for {field}) is {dtype}, but "
+                f"Crisp takes {expected} there. Convert it in the segment query, e.g. "
+                f"`to_json({column})` or `array_to_string({column}, ',')`.")
+    identifier_dtype = frame.schema[config.identifier_column]
+    if not (identifier_dtype == pl.String or identifier_dtype.is_integer()
+            or identifier_dtype == pl.Null):
+        raise SegmentSchemaError(
+            f"activation {config.name!r}: identifier column {config.identifier_column!r} is "
+            f"{identifier_dtype}; use a string or an integer column.")
+
+
+def _blank_to_null(expr: pl.Expr) -> pl.Expr:
+    return pl.when(expr.str.len_chars() == 0).then(None).otherwise(expr)
+
+
+def _value_expr(column: str, field: str, dtype: pl.DataType) -> pl.Expr:
+    """A managed column's value as Crisp will hold it (not yet encoded)."""
+    expr, kind = pl.col(column), crisp_fields.kind_of(field)
+    if kind == crisp_fields.SEGMENTS:
+        if dtype == pl.String:
+            expr = expr.str.split(",")
+        items = expr.cast(pl.List(pl.String)).list.eval(
+            pl.element().str.strip_chars().str.to_lowercase().filter(pl.element().str.len_chars() > 0))
+        items = items.list.unique().list.sort()
+        return pl.when(items.list.len() > 0).then(items).otherwise(None)
+    if kind == crisp_fields.INTEGER:
+        return expr
+    if kind == "data" and (dtype.is_numeric() or dtype == pl.Boolean):
+        return expr.cast(pl.Float64) if dtype.is_decimal() else expr
+    text = iso_text(expr, dtype).cast(pl.String)
+    if kind == crisp_fields.EMAIL:
+        text = text.str.strip_chars().str.to_lowercase()
+    return _blank_to_null(text)
+
+
+def _problems(frame: pl.DataFrame, config: ActivationConfig,
+              values: dict[str, pl.Expr]) -> list[tuple[str, str, pl.Expr, pl.Expr]]:
+    """(field, reason, condition, message) for every check; conditions are row masks."""
+    identifier_column, email_column = config.identifier_column, config.email_column
+    email = pl.col(_EMAIL)
+    email_pattern = contract.EMAIL_PATTERN.pattern
+    checks = [
+        (identifier_column, "missing_identifier", pl.col(_IDENTIFIER).is_null(),
+         pl.lit(f"{identifier_column} is empty: the row cannot be matched to a Crisp person")),
+        (email_column, "missing_email",
+         pl.col(_IDENTIFIER).is_not_null() & email.is_null(),
+         pl.lit(f"{email_column} is empty: Crisp identifies people by email")),
+        (email_column, "invalid_email",
+         email.is_not_null() & (~email.str.contains(email_pattern)
+                                | (email.str.len_chars() > contract.MAX_EMAIL_LENGTH)),
+         pl.format("{} is not a valid email address", pl.col(email_column).cast(pl.String))),
+    ]
+    for field, column in config.managed_columns.items():
+        value, kind = values[field], crisp_fields.kind_of(field)
+        dtype = frame.schema[column]
+        limit = (contract.MAX_DATA_STRING_LENGTH if kind == "data"
+                 else crisp_fields.MAX_LENGTH.get(kind))
+        if limit and (dtype == pl.String or kind != "data"):
+            if kind == crisp_fields.SEGMENTS:
+                too_long = value.list.eval(
+                    pl.element().str.len_chars() > contract.MAX_SEGMENT_LENGTH).list.any()
+                checks.append((field, "too_long", too_long.fill_null(False), pl.lit(
+                    f"{column}: a segment is longer than {contract.MAX_SEGMENT_LENGTH} "
+                    "characters")))
+            elif kind != crisp_fields.INTEGER:
+                length = value.cast(pl.String).str.len_chars()
+                checks.append((field, "too_long", (length > limit).fill_null(False), pl.format(
+                    f"{column}: {{}} characters; Crisp takes at most {limit}", length)))
+        if dtype.is_float():
+            checks.append((field, "not_a_finite_number",
+                           (pl.col(column).is_nan() | pl.col(column).is_infinite()).fill_null(False),
+                           pl.format(f"{column}: {{}} is not a finite number; Crisp takes "
+                                     "finite numbers only", pl.col(column))))
+        if kind == crisp_fields.INTEGER:
+            low, high = (0, 2**32 - 1) if ".metrics." in field else (-32768, 32767)
+            checks.append((field, "out_of_range",
+                           ((pl.col(column) < low) | (pl.col(column) > high)).fill_null(False),
+                           pl.format(f"{column}: {{}} is outside {low}..{high}", pl.col(column))))
+    return checks
+
+
+def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> NormalizedSegment:
+    _check_schema(raw, config)
+    values = {field: _value_expr(column, field, raw.schema[column])
+              for field, column in config.managed_columns.items()}
+    email = _blank_to_null(pl.col(config.email_column).cast(pl.String)
+                           .str.strip_chars().str.to_lowercase())
+    identifier = (email if config.keyed_by_email else
+                  _blank_to_null(pl.col(config.identifier_column).cast(pl.String).str.strip_chars()))
+    frame = raw.with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW),
+        identifier.alias(_IDENTIFIER), email.alias(_EMAIL),
+    )
+    where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER))
+
+    problems = []
+    for field, reason, condition, message in _problems(frame, config, values):
+        problems.append(frame.filter(condition).select(
+            *where, pl.lit(field).alias("field"), pl.lit(reason).alias("reason"),
+            message.alias("message")))
+
+    rows_of = (frame.filter(pl.col(_IDENTIFIER).is_not_null())
+               .group_by(_IDENTIFIER).agg(pl.col(_ROW).sort().alias("rows"))
+               .filter(pl.col("rows").list.len() > 1))
+    duplicates = frame.join(rows_of, on=_IDENTIFIER, how="inner").select(
+        *where, pl.lit(config.identifier_column).alias("field"),
+        pl.lit("duplicate_identifier").alias("reason"),
+        pl.format("{} appears in rows {}: every copy is held back until one remains",
+                  pl.col(_IDENTIFIER),
+                  pl.col("rows").cast(pl.List(pl.String)).list.join(", ")).alias("message"))
+    problems.append(duplicates)
+    rejected = pl.concat([p.cast(REJECTED_SCHEMA) for p in problems]).sort(ROW, "field")
+
+    encoded = [encode_expr(values[field]).alias(field) for field in config.managed_columns]
+    accepted = (frame.join(rejected.select(pl.col(ROW).alias(_ROW)).unique(), on=_ROW,
+                           how="anti")
+                .select(*where, pl.col(_EMAIL).alias(EMAIL), *encoded))
+    present = (frame.filter(pl.col(_IDENTIFIER).is_not_null())
+               .select(pl.col(_IDENTIFIER).alias(IDENTIFIER)).unique())
+    return NormalizedSegment(accepted=accepted, rejected=rejected, present=present,
+                             source_rows=raw.height)

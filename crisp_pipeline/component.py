@@ -1,0 +1,363 @@
+"""The Dagster face of an activation: resources, the factory that builds its assets, checks,
+job, schedule and sensor, and the `CrispActivation` component that YAML instantiates.
+
+Everything here is thin: reading, diffing, adopting and sending live in `changes/`, `state/`
+and `sync/`, which do not import Dagster.
+"""
+
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from dagster_duckdb import DuckDBResource
+from pydantic import model_validator
+
+from crisp_pipeline.activation import ActivationConfig, Mode
+from crisp_pipeline.changes.diff import compute_change_set, counts_by_op
+from crisp_pipeline.changes.guards import evaluate_guards
+from crisp_pipeline.changes.normalize import SegmentSchemaError, normalize_segment
+from crisp_pipeline.changes.plan import request_plan
+from crisp_pipeline.crisp import CrispError, CrispSettings, SettingsError, StopRun
+from crisp_pipeline.crisp.config import daily_quota_from_env
+from crisp_pipeline.state.store import StateStore
+from crisp_pipeline.sync.run import ClientOptions, GuardRefusal, adopt_new_people, apply_change_set
+from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
+
+DEFAULT_DB = "data/crisp_pipeline.duckdb"
+IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+               dg.DagsterRunStatus.CANCELING]
+PREVIEW_ROWS = 25
+
+
+# ---------------------------------------------------------------- resources
+
+
+class CrispResource(dg.ConfigurableResource):
+    """How to reach Crisp. The website, token pair, tier and quota are read from the CRISP_*
+    environment variables when a run starts, so the token never enters Dagster's config,
+    event log or UI."""
+
+    max_in_flight: int = 8
+    requests_per_second: float | None = None
+
+    def settings(self, website_id: str | None = None) -> CrispSettings:
+        settings = CrispSettings.from_env()
+        return dataclasses.replace(settings, website_id=website_id) if website_id else settings
+
+    def client_options(self) -> ClientOptions:
+        return ClientOptions(self.max_in_flight, self.requests_per_second)
+
+
+class CrispRunOptions(dg.ConfigurableResource):
+    """Per-run choices, set in the launchpad under `resources.crisp_run.config`."""
+
+    dry_run: bool = False
+    override_guards: bool = False
+
+
+def pipeline_db(path: str | None = None) -> DuckDBResource:
+    """The DuckDB file holding the default warehouse and every activation's state."""
+    database = path or os.environ.get("CRISP_PIPELINE_DB") or DEFAULT_DB
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    return DuckDBResource(database=database)
+
+
+def default_resources(db_path: str | None = None) -> dict[str, Any]:
+    return {"crisp_db": pipeline_db(db_path), "crisp": CrispResource(),
+            "crisp_run": CrispRunOptions()}
+
+
+def _connector(db: DuckDBResource):
+    @contextlib.contextmanager
+    def connect() -> Iterator[Any]:
+        with db.get_connection() as connection:
+            try:
+                yield connection
+            except BaseException:
+                connection.close()  # the resource does not close on errors; DuckDB locks the file
+                raise
+    return connect
+
+
+def _store(db: DuckDBResource, config: ActivationConfig) -> StateStore:
+    return StateStore(_connector(db), config.state_schema)
+
+
+def _preview(frame: pl.DataFrame) -> dg.MetadataValue:
+    head = frame.head(PREVIEW_ROWS).with_columns(
+        (pl.col(c).cast(pl.List(pl.String)).list.join(", ") if isinstance(t, pl.List)
+         else pl.col(c).cast(pl.String))
+        for c, t in frame.schema.items()
+        if not (t.is_numeric() or t == pl.Boolean or t == pl.String))
+    columns = [dg.TableColumn(name, "string" if dtype == pl.String else str(dtype).lower())
+               for name, dtype in head.schema.items()]
+    return dg.MetadataValue.table(records=[dg.TableRecord(row) for row in head.to_dicts()],
+                                  schema=dg.TableSchema(columns=columns))
+
+
+def _column_schema(frame: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype))
+                                   for name, dtype in frame.schema.items()])
+
+
+def _settings_factory(crisp: CrispResource, config: ActivationConfig):
+    def settings() -> CrispSettings:
+        try:
+            return crisp.settings(config.website_id)
+        except SettingsError as error:
+            raise dg.Failure(description=f"Crisp settings: {error}") from None
+    return settings
+
+
+# ---------------------------------------------------------------- the factory
+
+
+def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
+    """Assets, checks, job, schedule and sensor of one activation, keyed by its name."""
+    name, fields = config.name, list(config.managed_columns)
+    key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
+    common = dict(group_name=name, pool=f"crisp_{name}", owners=[],
+                  tags={"crisp/mode": config.mode.value})
+
+    @dg.asset(key=key("segment"), kinds={"duckdb", "polars"}, **common,
+              description=f"The people of segment {name!r}, normalised; bad rows split off "
+              "with a reason (table `rejected`).")
+    def segment(context: dg.AssetExecutionContext, crisp_db: DuckDBResource) -> dg.MaterializeResult:
+        connect = _connector(crisp_db)
+        try:
+            raw = DuckDBSource(connect, config.segment, name).read()
+            normalized = normalize_segment(raw, config)
+        except (SegmentSourceError, SegmentSchemaError) as error:
+            raise dg.Failure(description=str(error)) from None
+        store = StateStore(connect, config.state_schema)
+        store.write_segment(normalized.accepted, normalized.present, normalized.rejected,
+                            context.run.run_id)
+        rejected_rows = _rejected_rows(normalized.rejected)
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": normalized.accepted.height,
+            "dagster/column_schema": _column_schema(normalized.accepted),
+            "dagster/table_name": f"{config.state_schema}.segment",
+            "source_rows": normalized.source_rows, "rejected_rows": rejected_rows,
+            "rejected_preview": _preview(normalized.rejected),
+        })
+
+    @dg.asset_check(asset=key("segment"), blocking=True, name="segment_usable",
+                    description="Fails when every row of a non-empty segment is rejected; "
+                    "warns when some are.")
+    def segment_usable(crisp_db: DuckDBResource) -> dg.AssetCheckResult:
+        accepted, _, rejected = _store(crisp_db, config).read_segment()
+        bad = _rejected_rows(rejected)
+        reasons = (dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {})
+        if bad and accepted.is_empty():
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       description=f"all {bad} rows were rejected",
+                                       metadata={"rejected_by_reason": reasons})
+        return dg.AssetCheckResult(
+            passed=bad == 0, severity=dg.AssetCheckSeverity.WARN,
+            description=f"{bad} row(s) rejected, {accepted.height} accepted",
+            metadata={"rejected_by_reason": reasons})
+
+    @dg.asset(key=key("crisp_snapshot"), deps=[segment], kinds={"crisp", "duckdb"}, **common,
+              description="What Crisp holds for the people this activation manages, as last "
+              "confirmed; people already in Crisp are adopted by email, never duplicated.")
+    def crisp_snapshot(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
+                       crisp: CrispResource) -> dg.MaterializeResult:
+        store = _store(crisp_db, config)
+        accepted, _, _ = store.read_segment()
+        try:
+            report = adopt_new_people(store, config, accepted, _settings_factory(crisp, config),
+                                      crisp.client_options())
+        except StopRun as error:
+            raise dg.Failure(description=str(error)) from None
+        snapshot = store.read_snapshot(fields)
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": snapshot.height,
+            "dagster/table_name": f"{config.state_schema}.snapshot",
+            "looked_up": report.looked_up, "adopted": report.adopted,
+            "lookups_unanswered": report.unanswered, "lookup_method": report.method,
+            "requests_sent": report.stats.sent,
+        })
+
+    @dg.asset(key=key("change_set"), deps=[crisp_snapshot], kinds={"polars", "duckdb"},
+              **common, description="Per person: create, update (changed fields, old and new "
+              "values), delete or skip (with the reason). History in `change_set_history`.")
+    def change_set(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
+                   ) -> dg.MaterializeResult:
+        store = _store(crisp_db, config)
+        accepted, present, rejected = store.read_segment()
+        snapshot = store.read_snapshot(fields)
+        changes = compute_change_set(accepted, present, rejected, snapshot, config)
+        store.write_change_set(changes, context.run.run_id)
+        counts = counts_by_op(changes)
+        plan = request_plan(changes, daily_quota=daily_quota_from_env())
+        verdict = evaluate_guards(config, counts["delete"], snapshot.height,
+                                  _source_rows(accepted, rejected))
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": changes.height,
+            "dagster/column_schema": _column_schema(changes),
+            "dagster/table_name": f"{config.state_schema}.change_set",
+            **{f"{op}s": n for op, n in counts.items()},
+            "requests_planned": plan["requests"],
+            "request_plan": dg.MetadataValue.json(plan),
+            "guards": verdict.describe(),
+            "preview": _preview(changes),
+        })
+
+    @dg.asset_check(asset=key("change_set"), blocking=True, name="mirror_guards",
+                    description="Mirror refuses an empty segment and deletions beyond "
+                    "max_deletes / max_delete_fraction, unless the run overrides its guards.")
+    def mirror_guards(crisp_db: DuckDBResource, crisp_run: CrispRunOptions) -> dg.AssetCheckResult:
+        verdict = _verdict(_store(crisp_db, config), config)
+        overridden = not verdict.passed and crisp_run.override_guards
+        return dg.AssetCheckResult(
+            passed=verdict.passed or overridden, severity=dg.AssetCheckSeverity.ERROR,
+            description=("guards overridden for this run: " if overridden else "")
+            + verdict.describe(),
+            metadata={"deletes": verdict.deletes, "managed": verdict.managed,
+                      "delete_fraction": round(verdict.fraction, 4),
+                      "override_guards": crisp_run.override_guards})
+
+    @dg.asset(key=key("crisp_sync"), deps=[change_set], kinds={"crisp", "api"}, **common,
+              description="Applies the change set to Crisp; only confirmed writes enter the "
+              "snapshot. Per-person outcomes in table `outcomes`.")
+    def crisp_sync(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
+                   crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
+        store = _store(crisp_db, config)
+
+        def progress(done: int, total: int, seconds: float) -> None:
+            rate = done / seconds if seconds else 0.0
+            eta = (total - done) / rate if rate else 0.0
+            context.log.info(f"{name}: {done}/{total} people, {rate:.1f}/s, ETA {eta:.0f}s")
+
+        try:
+            report = apply_change_set(
+                store, config, context.run.run_id, _settings_factory(crisp, config),
+                crisp.client_options(), dry_run=crisp_run.dry_run,
+                verdict=_verdict(store, config), override_guards=crisp_run.override_guards,
+                progress=progress)
+        except (GuardRefusal, CrispError) as error:
+            raise dg.Failure(description=str(error)) from None
+        return dg.MaterializeResult(metadata={
+            **{k: (dg.MetadataValue.json(v) if isinstance(v, dict) else v)
+               for k, v in report.as_metadata().items()},
+            "dagster/table_name": f"{config.state_schema}.outcomes",
+        })
+
+    @dg.asset_check(asset=key("crisp_sync"), name="no_failed_writes",
+                    description="Warns when Crisp refused or deferred some writes of the run "
+                    "(they are retried next run; see table `outcomes`).")
+    def no_failed_writes(context: dg.AssetCheckExecutionContext,
+                         crisp_db: DuckDBResource) -> dg.AssetCheckResult:
+        outcomes = _store(crisp_db, config).read("outcomes")
+        mine = (outcomes.filter(pl.col("run_id") == context.op_execution_context.run.run_id)
+                if outcomes.height else outcomes)
+        failed = mine.filter(pl.col("status").is_in(["rejected", "deferred"])) if mine.height else mine
+        by_reason = (dict(failed.group_by("reason").len().iter_rows()) if failed.height else {})
+        return dg.AssetCheckResult(passed=failed.is_empty(), severity=dg.AssetCheckSeverity.WARN,
+                                   description=f"{failed.height} write(s) refused or deferred",
+                                   metadata={"by_reason": by_reason})
+
+    assets = [segment, crisp_snapshot, change_set, crisp_sync]
+    checks = [segment_usable, mirror_guards, no_failed_writes]
+    job = dg.define_asset_job(
+        name=f"{name}_job", selection=dg.AssetSelection.assets(*assets),
+        executor_def=dg.in_process_executor, tags={"crisp/activation": name},
+        description=f"Sync segment {name!r} to Crisp ({config.mode.value}).")
+    schedules = [_schedule(config, job)] if config.schedule else []
+    sensors = [_source_sensor(config, job)] if config.segment.watermark_sql else []
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=[job],
+                          schedules=schedules, sensors=sensors)
+
+
+def _verdict(store: StateStore, config: ActivationConfig):
+    changes = store.read_change_set()
+    accepted, _, rejected = store.read_segment()
+    managed = store.read_snapshot(list(config.managed_columns)).height
+    deletes = changes.filter(pl.col("op") == "delete").height if changes.height else 0
+    return evaluate_guards(config, deletes, managed, _source_rows(accepted, rejected))
+
+
+def _source_rows(accepted: pl.DataFrame, rejected: pl.DataFrame) -> int:
+    return accepted.height + _rejected_rows(rejected)
+
+
+def _rejected_rows(rejected: pl.DataFrame) -> int:
+    return rejected.get_column("row_number").n_unique() if rejected.height else 0
+
+
+def _schedule(config: ActivationConfig, job: Any) -> dg.ScheduleDefinition:
+    @dg.schedule(name=f"{config.name}_schedule", cron_schedule=config.schedule, job=job,
+                 description=f"Syncs {config.name!r} on {config.schedule!r}; skips a tick "
+                 "while a run of the activation is still in progress.")
+    def schedule(context: dg.ScheduleEvaluationContext):
+        running = context.instance.get_run_records(
+            dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS), limit=1)
+        if running:
+            return dg.SkipReason(f"a run of {job.name} is still in progress "
+                                 f"({running[0].dagster_run.run_id})")
+        return dg.RunRequest(tags={"crisp/trigger": "schedule"})
+    return schedule
+
+
+def _source_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
+    @dg.sensor(name=f"{config.name}_source_sensor", job=job, minimum_interval_seconds=60,
+               description=f"Syncs {config.name!r} when its watermark query's value changes.")
+    def source_sensor(context: dg.SensorEvaluationContext, crisp_db: DuckDBResource):
+        try:
+            watermark = DuckDBSource(_connector(crisp_db), config.segment, config.name).watermark()
+        except SegmentSourceError as error:
+            return dg.SkipReason(str(error))
+        if watermark is None:
+            return dg.SkipReason("the watermark query returned no value")
+        if watermark == context.cursor:
+            return dg.SkipReason(f"source unchanged (watermark {watermark})")
+        running = context.instance.get_run_records(
+            dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS), limit=1)
+        if running:
+            return dg.SkipReason("a run is in progress; the change will be seen next tick")
+        context.update_cursor(watermark)
+        return dg.RunRequest(run_key=f"{config.name}:{watermark}",
+                             tags={"crisp/trigger": "source_sensor", "crisp/watermark": watermark})
+    return source_sensor
+
+
+# ---------------------------------------------------------------- the component
+
+
+class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
+    """One segment synced to one Crisp website in one mode (see the README for the fields)."""
+
+    name: str
+    segment: dict[str, str]
+    identifier: str | dict[str, str] = "email"
+    mode: str = "upsert"
+    fields: dict[str, str] = {}
+    attributes: list[str | dict[str, str]] = []
+    website_id: str | None = None
+    schedule: str | None = None
+    guards: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _valid(self) -> "CrispActivation":
+        self.activation()  # refuse a bad configuration when the definitions load
+        return self
+
+    def activation(self) -> ActivationConfig:
+        values = self.model_dump(exclude_none=True)
+        if not values.get("guards"):
+            values.pop("guards", None)
+        return ActivationConfig.model_validate(values)
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        return build_activation_defs(self.activation())
+
+
+__all__ = ["CrispActivation", "CrispResource", "CrispRunOptions", "Mode",
+           "build_activation_defs", "default_resources", "pipeline_db"]

@@ -1,0 +1,58 @@
+"""Where segments come from. One small interface, so that another warehouse is one class.
+
+A `SegmentSource` reads the segment's rows as a Polars frame and, when asked, a cheap
+watermark whose change means the rows may have changed (for the source sensor).
+`DuckDBSource` is the embedded default.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import duckdb
+import polars as pl
+
+from crisp_pipeline.activation import SegmentQuery
+from crisp_pipeline.state.store import Connect
+
+
+class SegmentSourceError(RuntimeError):
+    """The warehouse could not give the segment (bad SQL, missing table, unreachable file)."""
+
+
+class SegmentSource(Protocol):
+    def read(self) -> pl.DataFrame: ...
+
+    def watermark(self) -> str | None: ...
+
+
+class DuckDBSource:
+    def __init__(self, connect: Connect, query: SegmentQuery, activation: str) -> None:
+        self._connect = connect
+        self.query = query
+        self.activation = activation
+
+    @property
+    def sql(self) -> str:
+        return self.query.sql or f"select * from {self.query.table}"
+
+    def _run(self, sql: str, what: str) -> duckdb.DuckDBPyRelation | pl.DataFrame:
+        try:
+            with self._connect() as connection:
+                return connection.sql(sql).pl()
+        except duckdb.Error as error:
+            raise SegmentSourceError(
+                f"activation {self.activation!r}: the {what} failed in DuckDB: "
+                f"{type(error).__name__}: {error}") from None
+
+    def read(self) -> pl.DataFrame:
+        return self._run(self.sql, "segment query")
+
+    def watermark(self) -> str | None:
+        if not self.query.watermark_sql:
+            return None
+        frame = self._run(self.query.watermark_sql, "watermark query")
+        if frame.is_empty() or frame.width == 0:
+            return None
+        value = frame.row(0)[0]
+        return None if value is None else str(value)
