@@ -100,6 +100,12 @@ CLEAR_DATA_VALUE: Final = ""
 # PATCH people/profile: `person` and `company` merge sub-fields, `segments` replaces (ASSUMPTION).
 # PATCH batch/segments adds the given segments to each profile (ASSUMPTION).
 MAX_BATCH_PROFILES: Final = 500  # ASSUMPTION
+# A batch naming a people_id that does not exist skips it and still answers 202 (ASSUMPTION:
+# batch routes are asynchronous in Crisp and report nothing per profile).
+BATCH_SKIPS_UNKNOWN_PROFILES: Final = True
+# A profile body with a field Crisp does not know is refused with invalid_data (ASSUMPTION;
+# Crisp may instead ignore it). Refusing is the safer emulation: a typo never passes silently.
+REJECT_UNKNOWN_PROFILE_FIELDS: Final = True
 
 PER_PAGE_MIN: Final = 20  # D-LIST
 PER_PAGE_MAX: Final = 50  # D-LIST

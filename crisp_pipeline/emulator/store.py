@@ -179,8 +179,11 @@ class PeopleStore:
         self._store_data(website_id, people_id, merged)
 
     def known(self, website_id: str, people_ids: list[str]) -> list[str]:
-        """The ids that exist (batch routes skip unknown ids: ASSUMPTION)."""
+        """The ids a batch applies to (see `contract.BATCH_SKIPS_UNKNOWN_PROFILES`)."""
         profiles = self.websites[website_id].profiles
+        unknown = [people_id for people_id in people_ids if people_id not in profiles]
+        if unknown and not contract.BATCH_SKIPS_UNKNOWN_PROFILES:
+            raise PeopleNotFound(unknown[0])
         return [people_id for people_id in people_ids if people_id in profiles]
 
     def add_segments(self, website_id: str, people_id: str, segments: list[str]) -> None:

@@ -23,7 +23,8 @@ Text = Annotated[str, StringConstraints(max_length=contract.MAX_STRING_LENGTH)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid" if contract.REJECT_UNKNOWN_PROFILE_FIELDS else "ignore", strict=True)
 
 
 class Coordinates(_Strict):
