@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -79,6 +79,9 @@ class Attribute(_Model):
         return self
 
 
+Phase = Literal["delete", "update", "create"]
+
+
 class ActivationConfig(_Model):
     name: str
     segment: SegmentQuery
@@ -90,6 +93,19 @@ class ActivationConfig(_Model):
         default=None, description="The Crisp website; CRISP_WEBSITE_ID when not set.")
     schedule: str | None = None
     guards: Guards = Field(default_factory=Guards)
+    order: tuple[Phase, Phase, Phase] = Field(
+        default=("delete", "update", "create"),
+        description="The order in which a run spends its requests; when the daily budget "
+        "runs out, what comes last waits for the next run.")
+    batch_size: Annotated[int, Field(ge=1, le=contract.MAX_BATCH_PROFILES)] = \
+        contract.MAX_BATCH_PROFILES
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, order: tuple[str, str, str]) -> tuple[str, str, str]:
+        if sorted(order) != ["create", "delete", "update"]:
+            raise ValueError("order: list delete, update and create once each")
+        return order
 
     @field_validator("name")
     @classmethod

@@ -44,7 +44,7 @@ class CrispResource(dg.ConfigurableResource):
     environment variables when a run starts, so the token never enters Dagster's config,
     event log or UI."""
 
-    max_in_flight: int = 8
+    max_in_flight: int = 16
     requests_per_second: float | None = None
 
     def settings(self, website_id: str | None = None) -> CrispSettings:
@@ -137,8 +137,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
         except (SegmentSourceError, SegmentSchemaError) as error:
             raise dg.Failure(description=str(error)) from None
         store = StateStore(connect, config.state_schema)
-        store.write_segment(normalized.accepted, normalized.present, normalized.rejected,
-                            context.run.run_id)
+        store.write_segment(normalized.accepted, normalized.rejected, context.run.run_id)
         rejected_rows = _rejected_rows(normalized.rejected)
         return dg.MaterializeResult(metadata={
             "dagster/row_count": normalized.accepted.height,
@@ -152,7 +151,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                     description="Fails when every row of a non-empty segment is rejected; "
                     "warns when some are.")
     def segment_usable(crisp_db: DuckDBResource) -> dg.AssetCheckResult:
-        accepted, _, rejected = _store(crisp_db, config).read_segment()
+        accepted, rejected = _store(crisp_db, config).read_segment()
         bad = _rejected_rows(rejected)
         reasons = (dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {})
         if bad and accepted.is_empty():
@@ -170,10 +169,10 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     def crisp_snapshot(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
                        crisp: CrispResource) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
-        accepted, _, _ = store.read_segment()
+        accepted, _ = store.read_segment()
         try:
             report = adopt_new_people(store, config, accepted, _settings_factory(crisp, config),
-                                      crisp.client_options())
+                                      crisp.client_options(), _connector(crisp_db))
         except StopRun as error:
             raise dg.Failure(description=str(error)) from None
         snapshot = store.read_snapshot(fields)
@@ -191,9 +190,9 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     def change_set(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
                    ) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
-        accepted, present, rejected = store.read_segment()
+        accepted, rejected = store.read_segment()
         snapshot = store.read_snapshot(fields)
-        changes = compute_change_set(accepted, present, rejected, snapshot, config)
+        changes = compute_change_set(accepted, rejected, snapshot, config)
         store.write_change_set(changes, context.run.run_id)
         counts = counts_by_op(changes)
         plan = request_plan(changes, daily_quota=daily_quota_from_env())
@@ -239,7 +238,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
         try:
             report = apply_change_set(
                 store, config, context.run.run_id, _settings_factory(crisp, config),
-                crisp.client_options(), dry_run=crisp_run.dry_run,
+                crisp.client_options(), _connector(crisp_db), dry_run=crisp_run.dry_run,
                 verdict=_verdict(store, config), override_guards=crisp_run.override_guards,
                 progress=progress)
         except (GuardRefusal, CrispError) as error:
@@ -278,7 +277,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
 
 def _verdict(store: StateStore, config: ActivationConfig):
     changes = store.read_change_set()
-    accepted, _, rejected = store.read_segment()
+    accepted, rejected = store.read_segment()
     managed = store.read_snapshot(list(config.managed_columns)).height
     deletes = changes.filter(pl.col("op") == "delete").height if changes.height else 0
     return evaluate_guards(config, deletes, managed, _source_rows(accepted, rejected))
@@ -343,6 +342,8 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
     website_id: str | None = None
     schedule: str | None = None
     guards: dict[str, float] = {}
+    order: list[str] | None = None
+    batch_size: int | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> "CrispActivation":

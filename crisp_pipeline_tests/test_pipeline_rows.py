@@ -211,5 +211,6 @@ def test_change_sets_are_kept_per_run_and_queryable(emulator, tmp_path, monkeypa
         (first.run_id, "create", '{"data.plan":"a"}'),
         (second.run_id, "update", '{"data.plan":"b"}')]
     outcomes = pipeline.store.read("outcomes")
-    assert outcomes.select("run_id", "op", "status").rows() == [
-        (first.run_id, "create", "ok"), (second.run_id, "update", "ok")]
+    assert sorted(outcomes.select("run_id", "op", "step", "status").rows()) == sorted([
+        (first.run_id, "create", "create", "ok"), (first.run_id, "create", "data", "ok"),
+        (second.run_id, "update", "data", "ok")])

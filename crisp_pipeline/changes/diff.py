@@ -9,7 +9,9 @@
   the rejection reason of a bad row, with `message` naming the row and the field).
 
 `changed` lists the fields to write; `old_values` / `new_values` are JSON objects of those
-fields (JSON text values, see `encode`). A field whose snapshot value is unknown (SQL NULL:
+fields (JSON text values, see `encode`); `data_values` is the people-data merge body to send
+(keys without `data.`, a cleared value as Crisp's clearing value), the key by which identical
+data changes are batched. A field whose snapshot value is unknown (SQL NULL:
 the field was added to the configuration later) and whose new value is null is not written:
 clearing a value we never set is not our business.
 """
@@ -20,16 +22,21 @@ import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig, Mode
 
-from .encode import JSON_NULL, encode_expr
+from crisp_pipeline.crisp import contract
+
+from . import fields as crisp_fields
+from .encode import JSON_NULL, encode_expr, encode_value
 from .normalize import EMAIL, IDENTIFIER, ROW
 
 OPS = ("create", "update", "delete", "skip")
 
 
-def _json_object(fields: list[str], prefix: str, include: dict[str, pl.Expr]) -> pl.Expr:
+def _json_object(fields: list[str], prefix: str, include: dict[str, pl.Expr],
+                 key=lambda field: field, null_as: str = JSON_NULL) -> pl.Expr:
     """`{"field": <json>, ...}` of the fields whose `include` mask is true."""
-    parts = [pl.when(include[field]).then(
-        pl.format('"{}":{}', pl.lit(field), pl.col(prefix + field).fill_null(JSON_NULL)))
+    parts = [pl.when(include[field]).then(pl.format(
+        '"{}":{}', pl.lit(key(field)),
+        pl.col(prefix + field).fill_null(JSON_NULL).replace(JSON_NULL, null_as)))
         for field in fields]
     if not parts:
         return pl.lit("{}")
@@ -37,22 +44,59 @@ def _json_object(fields: list[str], prefix: str, include: dict[str, pl.Expr]) ->
     return pl.concat_str([pl.lit("{"), body, pl.lit("}")])
 
 
-def compute_change_set(segment: pl.DataFrame, present: pl.DataFrame, rejected: pl.DataFrame,
+def _names_where(fields: list[str], mask: dict[str, pl.Expr]) -> pl.Expr:
+    """The list of field names whose mask is true. (Joined then split: field names hold no
+    comma, and this is far faster than `concat_list` over literals.)"""
+    if not fields:
+        return pl.lit([], pl.List(pl.String))
+    joined = pl.concat_str([pl.when(mask[f]).then(pl.lit(f)) for f in fields],
+                           separator=",", ignore_nulls=True).fill_null("")
+    return (pl.when(joined == "").then(pl.lit([], pl.List(pl.String)))
+            .otherwise(joined.str.split(",")))
+
+
+def _row_hash(columns: list[str]) -> pl.Expr:
+    """One 64-bit fingerprint of a person's managed values (a seeded hash per column, summed).
+
+    Only a filter: people whose fingerprints match are unchanged (a collision, about one in
+    2**64 per person, would hide a change until the next one); people whose fingerprints
+    differ are compared field by field.
+    """
+    if not columns:
+        return pl.lit(0, pl.UInt64)
+    return pl.sum_horizontal([pl.col(c).hash(seed) for seed, c in enumerate(columns, start=1)])
+
+
+def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
                        snapshot: pl.DataFrame, config: ActivationConfig) -> pl.DataFrame:
     fields = list(config.managed_columns)
-    new = segment.lazy().select(
-        IDENTIFIER, pl.col(EMAIL).alias("new_email"),
-        *[pl.col(f).alias("new:" + f) for f in fields], pl.lit(True).alias("in_segment"))
-    old = snapshot.lazy().select(
-        IDENTIFIER, "people_id", pl.col("email").alias("old_email"),
-        *[pl.col(f).alias("old:" + f) for f in fields], pl.lit(True).alias("in_snapshot"))
+    fingerprinted = fields if config.keyed_by_email else [*fields, EMAIL]
+    # 1. who differs at all: a join of identifiers and fingerprints only
+    keys = (segment.lazy().select(IDENTIFIER, _row_hash(fingerprinted).alias("h_new"))
+            .with_row_index("i_new")
+            .join(snapshot.lazy().select(IDENTIFIER, _row_hash(fingerprinted).alias("h_old"))
+                  .with_row_index("i_old"), on=IDENTIFIER, how="full", coalesce=True)
+            .filter(pl.col("h_new").ne_missing(pl.col("h_old")))
+            .select(IDENTIFIER, "i_new", "i_old")).collect()
+    # 2. only their values, gathered by row position, side by side
+    new_rows = keys.get_column("i_new").drop_nulls()
+    old_rows = keys.get_column("i_old").drop_nulls()
+    new = segment.select(pl.col(EMAIL).alias("new_email"),
+                         *[pl.col(f).alias("new:" + f) for f in fields]
+                         )[new_rows].with_columns(new_rows.alias("i_new"))
+    old = snapshot.select("people_id", pl.col(EMAIL).alias("old_email"),
+                          *[pl.col(f).alias("old:" + f) for f in fields]
+                          )[old_rows].with_columns(old_rows.alias("i_old"))
+    rejected_ids = rejected.get_column(IDENTIFIER).drop_nulls().implode()
+    joined = (keys.lazy().join(new.lazy(), on="i_new", how="left")
+              .join(old.lazy(), on="i_old", how="left")
+              .with_columns(pl.col("i_new").is_not_null().alias("in_segment"),
+                            pl.col("i_old").is_not_null().alias("in_snapshot"),
+                            pl.col(IDENTIFIER).is_in(rejected_ids).alias("in_rejected")))
     if not config.keyed_by_email:
         # under an external id, a changed email is written like a field (never on create)
-        new = new.with_columns(encode_expr(pl.col("new_email")).alias("new:email"))
-        old = old.with_columns(encode_expr(pl.col("old_email")).alias("old:email"))
-    joined = new.join(old, on=IDENTIFIER, how="full", coalesce=True).with_columns(
-        pl.col("in_segment").fill_null(False), pl.col("in_snapshot").fill_null(False),
-        pl.col(IDENTIFIER).is_in(present.get_column(IDENTIFIER).implode()).alias("in_source"))
+        joined = joined.with_columns(encode_expr(pl.col("new_email")).alias("new:email"),
+                                     encode_expr(pl.col("old_email")).alias("old:email"))
 
     differs = {f: (pl.col("new:" + f).ne_missing(pl.col("old:" + f))
                    & ~(pl.col("old:" + f).is_null() & (pl.col("new:" + f) == JSON_NULL)))
@@ -62,37 +106,53 @@ def compute_change_set(segment: pl.DataFrame, present: pl.DataFrame, rejected: p
         differs["email"] = (pl.col("old_email").is_not_null()
                             & pl.col("new:email").ne_missing(pl.col("old:email")))
     compared = list(differs)
-    changed_updates = pl.concat_list([pl.when(differs[f]).then(pl.lit(f)) for f in compared]
-                                     ).list.drop_nulls() if compared else pl.lit([], pl.List(pl.String))
-    changed_creates = pl.concat_list([pl.when(to_create[f]).then(pl.lit(f)) for f in fields]
-                                     ).list.drop_nulls() if fields else pl.lit([], pl.List(pl.String))
+    no_fields = pl.lit([], pl.List(pl.String))
     known, listed = pl.col("in_snapshot"), pl.col("in_segment")
     unknown_op = pl.lit("skip" if config.mode == Mode.UPDATE_ONLY else "create")
     gone_op = pl.lit("delete" if config.mode == Mode.MIRROR else None, pl.String)
-
-    work = joined.with_columns(
+    any_differs = pl.any_horizontal(list(differs.values())) if differs else pl.lit(False)
+    base = joined.with_columns(
         pl.when(listed & ~known).then(unknown_op)
-        .when(listed & known & (changed_updates.list.len() > 0)).then(pl.lit("update"))
-        .when(~listed & known & ~pl.col("in_source")).then(gone_op)
+        .when(listed & known & any_differs).then(pl.lit("update"))
+        .when(~listed & known & ~pl.col("in_rejected")).then(gone_op)
         .otherwise(None).alias("op"),
-    ).filter(pl.col("op").is_not_null()).with_columns(
-        pl.when(pl.col("op") == "skip").then(pl.lit("not_in_crisp")).alias("reason"),
-        pl.when(pl.col("op") == "skip")
-        .then(pl.lit("not in Crisp, and update_only never creates people")).alias("message"),
-        pl.when(pl.col("op") == "create").then(changed_creates)
-        .when(pl.col("op") == "update").then(changed_updates)
-        .otherwise(pl.lit([], pl.List(pl.String))).alias("changed"),
-        pl.when(pl.col("op") == "update").then(_json_object(compared, "old:", differs))
-        .when(pl.col("op") == "delete")
-        .then(_json_object(fields, "old:", {f: pl.lit(True) for f in fields}))
-        .alias("old_values"),
-        pl.when(pl.col("op") == "create").then(_json_object(fields, "new:", to_create))
-        .when(pl.col("op") == "update").then(_json_object(compared, "new:", differs))
-        .when(pl.col("op") == "skip").then(_json_object(fields, "new:", to_create))
-        .alias("new_values"),
         pl.coalesce("new_email", "old_email").alias(EMAIL),
-    ).select(IDENTIFIER, EMAIL, "people_id", "op", "reason", "message", "changed",
-             "old_values", "new_values")
+    )
+    columns = (IDENTIFIER, EMAIL, "people_id", "op", "reason", "message", "changed",
+               "old_values", "new_values", "data_values")
+    data_fields = [f for f in fields if crisp_fields.is_data_field(f)]
+
+    def data_values(include: dict[str, pl.Expr], null_as: str) -> pl.Expr:
+        """The people-data merge to send: keys without `data.`, a null as the clearing value."""
+        wanted = [f for f in data_fields if f in include]
+        if not wanted:
+            return none
+        body = _json_object(wanted, "new:", include, key=crisp_fields.data_key, null_as=null_as)
+        return pl.when(body == "{}").then(none).otherwise(body)
+    none = pl.lit(None, pl.String)
+    clear = encode_value(contract.CLEAR_DATA_VALUE)
+    # each op's columns are computed on that op's rows only
+    creates = base.filter(pl.col("op") == "create").with_columns(
+        none.alias("reason"), none.alias("message"),
+        _names_where(fields, to_create).alias("changed"), none.alias("old_values"),
+        _json_object(fields, "new:", to_create).alias("new_values"),
+        data_values(to_create, JSON_NULL).alias("data_values"))
+    updates = base.filter(pl.col("op") == "update").with_columns(
+        none.alias("reason"), none.alias("message"),
+        _names_where(compared, differs).alias("changed"),
+        _json_object(compared, "old:", differs).alias("old_values"),
+        _json_object(compared, "new:", differs).alias("new_values"),
+        data_values(differs, clear).alias("data_values"))
+    deletes = base.filter(pl.col("op") == "delete").with_columns(
+        none.alias("reason"), none.alias("message"), no_fields.alias("changed"),
+        _json_object(fields, "old:", {f: pl.lit(True) for f in fields}).alias("old_values"),
+        none.alias("new_values"), none.alias("data_values"))
+    skips = base.filter(pl.col("op") == "skip").with_columns(
+        pl.lit("not_in_crisp").alias("reason"),
+        pl.lit("not in Crisp, and update_only never creates people").alias("message"),
+        no_fields.alias("changed"), none.alias("old_values"),
+        _json_object(fields, "new:", to_create).alias("new_values"), none.alias("data_values"))
+    work = pl.concat([part.select(columns) for part in (creates, updates, deletes, skips)])
 
     bad_rows = rejected.lazy().group_by(ROW).agg(
         pl.col(IDENTIFIER).first(),
@@ -101,9 +161,10 @@ def compute_change_set(segment: pl.DataFrame, present: pl.DataFrame, rejected: p
         .str.join("; ").alias("message"),
     ).select(IDENTIFIER, pl.lit(None, pl.String).alias(EMAIL),
              pl.lit(None, pl.String).alias("people_id"), pl.lit("skip").alias("op"), "reason",
-             "message", pl.lit([], pl.List(pl.String)).alias("changed"),
+             "message", no_fields.alias("changed"),
              pl.lit(None, pl.String).alias("old_values"),
-             pl.lit(None, pl.String).alias("new_values"))
+             pl.lit(None, pl.String).alias("new_values"),
+             pl.lit(None, pl.String).alias("data_values"))
 
     order = pl.col("op").replace_strict({op: i for i, op in enumerate(OPS)}, return_dtype=pl.Int8)
     return pl.concat([work, bad_rows]).sort(order, IDENTIFIER, nulls_last=True).collect()

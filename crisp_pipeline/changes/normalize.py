@@ -42,7 +42,6 @@ class SegmentSchemaError(ValueError):
 class NormalizedSegment:
     accepted: pl.DataFrame  # row_number, identifier, email, then one JSON-text column per field
     rejected: pl.DataFrame  # one row per problem: row_number, identifier, field, reason, message
-    present: pl.DataFrame  # every identifier in the source, rejected rows included
     source_rows: int
 
 
@@ -190,7 +189,4 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
     accepted = (frame.join(rejected.select(pl.col(ROW).alias(_ROW)).unique(), on=_ROW,
                            how="anti")
                 .select(*where, pl.col(_EMAIL).alias(EMAIL), *encoded))
-    present = (frame.filter(pl.col(_IDENTIFIER).is_not_null())
-               .select(pl.col(_IDENTIFIER).alias(IDENTIFIER)).unique())
-    return NormalizedSegment(accepted=accepted, rejected=rejected, present=present,
-                             source_rows=raw.height)
+    return NormalizedSegment(accepted=accepted, rejected=rejected, source_rows=raw.height)

@@ -120,6 +120,9 @@ class CrispClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        close_budget = getattr(self.budget, "close", None)
+        if close_budget is not None:
+            close_budget()  # give back requests reserved and not spent
 
     # ---------------------------------------------------------------- profiles (§3.1)
 

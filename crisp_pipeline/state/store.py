@@ -1,14 +1,15 @@
 """The DuckDB state store: what each activation knows, in one schema per activation.
 
 Tables of schema `crisp_<activation>`:
-- `segment`, `present`, `rejected`: the latest normalised segment, every identifier the source
-  holds (rejected rows included: they must never look like people who left), and the rejected
-  rows with row, field, reason and message;
+- `segment`, `rejected`: the latest normalised segment, and its rejected rows with row, field,
+  reason and message (their identifiers matter: a rejected person has not left the segment);
 - `snapshot`: what Crisp holds for each person we manage, as last *confirmed* (by a 2xx answer
   to our write, or by reading the person when adopting them): people_id, email, and the JSON
   text of every managed field (SQL NULL: never confirmed);
 - `change_set` (latest) and `change_set_history` (every run, keyed by run_id);
-- `outcomes`: one row per person per run, with Crisp's reason and message on failure;
+- `outcomes`: one row per person per request unit (`step`: create, profile, data, batch_data,
+  delete) per run, with Crisp's reason and message on failure; people of one `batch/data`
+  request share its `unit` number;
 - `deletions`: who was deleted, when, by which run, with their last known values;
 - `runs`: one row per sync run with its counts and request figures.
 
@@ -36,12 +37,12 @@ SNAPSHOT_KEYS = {"identifier": pl.String, "people_id": pl.String, "email": pl.St
 CHANGE_SET_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "email": pl.String, "people_id": pl.String,
     "op": pl.String, "reason": pl.String, "message": pl.String, "changed": pl.List(pl.String),
-    "old_values": pl.String, "new_values": pl.String,
+    "old_values": pl.String, "new_values": pl.String, "data_values": pl.String,
 }
 OUTCOME_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "people_id": pl.String, "op": pl.String,
-    "status": pl.String, "reason": pl.String, "message": pl.String, "requests": pl.Int64,
-    "at": pl.Datetime("us", "UTC"),
+    "step": pl.String, "status": pl.String, "reason": pl.String, "message": pl.String,
+    "unit": pl.Int64, "requests": pl.Int64, "at": pl.Datetime("us", "UTC"),
 }
 
 
@@ -110,21 +111,18 @@ class StateStore:
 
     # ---------------------------------------------------------------- segment
 
-    def write_segment(self, accepted: pl.DataFrame, present: pl.DataFrame,
-                      rejected: pl.DataFrame, run_id: str) -> None:
+    def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame, run_id: str) -> None:
         with self._session() as connection:
             connection.execute("begin")
             self._replace(connection, "segment", accepted)
-            self._replace(connection, "present", present)
             self._replace(connection, "rejected",
                           rejected.with_columns(pl.lit(run_id).alias("run_id")))
             connection.execute("commit")
 
-    def read_segment(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        """(accepted, present, rejected) as the last `segment` materialization left them."""
+    def read_segment(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(accepted, rejected) as the last `segment` materialization left them."""
         with self._session(writing=False) as connection:
-            return (self._read(connection, "segment"), self._read(connection, "present"),
-                    self._read(connection, "rejected"))
+            return self._read(connection, "segment"), self._read(connection, "rejected")
 
     # ---------------------------------------------------------------- snapshot
 

@@ -1,18 +1,23 @@
-"""Applying a change set to Crisp, person by person, recording what Crisp confirmed.
+"""Applying a change set to Crisp with the fewest requests, recording what Crisp confirmed.
 
-Each person's work is a short sequence of requests (create then data; profile patch and/or
-data patch; delete). Its outcome is one of:
-- `ok`: every request was answered 2xx;
-- `rejected`: Crisp refused a request (`invalid_data`, ...): recorded with Crisp's reason and
-  message, and retried on a later run (the fields it did not confirm stay in the change set);
-- `deferred`: Crisp kept limiting or failing (retries exhausted, budget spent): nothing is
-  lost, the work is part of the next change set;
-- `gone`: the person was deleted in Crisp behind our back: forgotten from the snapshot, so the
-  next run re-creates them (upsert, mirror) or skips them (update_only).
-What a person's requests confirmed enters the snapshot even when a later request failed.
+Work is cut into *units*, each one request (or one short sequence) on behalf of one person or,
+for `PATCH batch/data`, of many people who need the very same data change:
+- delete: `DELETE people/profile/{id}`;
+- profile: `PATCH people/profile/{id}` with the changed profile fields (and email);
+- create: `POST people/profile` (on `people_exists`: find the person and patch instead);
+- data: the people-data merge, batched when two or more people share it, single otherwise.
+Phases run in the activation's `order` (default: deletes, updates, creates); a create's data
+unit runs once its person exists.
 
-Outcomes are handed over in batches (`on_batch`), which the caller commits in one transaction
-each; a `StopRun` (bad credentials, wrong website) commits the finished people and ends the run.
+A unit's outcome, per person in it: `ok`; `rejected` (Crisp refused it: reason and message
+kept, retried on a later run); `deferred` (Crisp kept limiting or failing, the budget ran
+out, or the failure circuit opened: nothing is lost, the work is part of the next change set);
+`gone` (the person was deleted in Crisp behind our back: forgotten, so the next run re-creates
+or skips them). What a unit confirmed enters the snapshot even when another unit of the same
+person failed.
+
+Outcomes are handed over after every chunk of units (`on_batch`), which the caller commits in
+one transaction; a `StopRun` (credentials, website) commits what finished and ends the run.
 """
 
 from __future__ import annotations
@@ -21,131 +26,272 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from crisp_pipeline.changes import fields as crisp_fields
 from crisp_pipeline.changes.encode import JSON_NULL, encode_value
-from crisp_pipeline.crisp import CrispClient, RetryLater, RowRejected, StopRun
+from crisp_pipeline.crisp import BudgetExhausted, CrispClient, RetryLater, RowRejected, StopRun
+from crisp_pipeline.crisp import contract
 from crisp_pipeline.crisp.contract import Reason
 
-from .profiles import data_body, profile_body
+from .profiles import profile_body
+
+STATUS_RANK = {"ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
+PHASES = ("delete", "update", "create")
 
 
 @dataclass
-class PersonOutcome:
+class StepOutcome:
+    """What one unit did for one person (one row of the `outcomes` table)."""
+
+    identifier: str
+    op: str
+    step: str
+    people_id: str | None
+    status: str
+    reason: str | None
+    message: str | None
+    unit: int
+    requests: int
+
+
+@dataclass
+class Person:
     identifier: str
     op: str
     email: str | None
-    people_id: str | None = None
+    people_id: str | None
+    values: dict[str, Any]
+    data: dict[str, Any] | None
+    old_values: str | None
     status: str = "ok"
-    reason: str | None = None
-    message: str | None = None
-    requests: int = 0
     confirmed: dict[str, str] = field(default_factory=dict)  # field -> JSON text
-    old_values: str | None = None
+
+    def settle(self, status: str) -> None:
+        if STATUS_RANK[status] > STATUS_RANK[self.status]:
+            self.status = status
+
+
+@dataclass
+class Unit:
+    step: str
+    people: list[Person]
+    send: Callable[[], Awaitable[None]]
+    confirms: Callable[[], None]
 
 
 @dataclass
 class SyncSummary:
-    outcomes: Counter = field(default_factory=Counter)  # (op, status) -> people
+    people: Counter = field(default_factory=Counter)  # (op, status) -> people
+    units: Counter = field(default_factory=Counter)  # step -> units sent
     stopped: StopRun | None = None
+    budget_exhausted: bool = False
+    circuit_open: bool = False
     seconds: float = 0.0
 
     def count(self, status: str) -> int:
-        return sum(n for (_, s), n in self.outcomes.items() if s == status)
+        return sum(n for (_, s), n in self.people.items() if s == status)
+
+
+@dataclass
+class Batch:
+    """What `on_batch` receives: step outcomes, and the people whose confirmed values changed."""
+
+    steps: list[StepOutcome]
+    people: list[Person]
 
 
 class SyncEngine:
-    def __init__(self, client: CrispClient, fields: list[str], *, batch_size: int = 200,
+    def __init__(self, client: CrispClient, fields: list[str], *,
+                 order: tuple[str, ...] = PHASES, batch_size: int = contract.MAX_BATCH_PROFILES,
+                 chunk: int = 200, max_consecutive_failures: int = 25,
                  progress: Callable[[int, int, float], None] | None = None) -> None:
         self.client = client
         self.fields = fields
-        self.batch_size = batch_size
+        self.order = order
+        self.batch_size = min(batch_size, contract.MAX_BATCH_PROFILES)
+        self.chunk = chunk
+        self.max_consecutive_failures = max_consecutive_failures
         self.progress = progress
+        self._summary = SyncSummary()
+        self._unit_ids = 0
+        self._failures_in_a_row = 0
+        self._done = 0
+        self._total = 0
+        self._started = 0.0
+
+    # ---------------------------------------------------------------- the run
 
     async def apply(self, rows: list[dict[str, Any]],
-                    on_batch: Callable[[list[PersonOutcome]], None]) -> SyncSummary:
-        summary, started = SyncSummary(), time.monotonic()
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
-            results = await asyncio.gather(*(self._person(row) for row in batch),
-                                           return_exceptions=True)
-            outcomes = [r for r in results if isinstance(r, PersonOutcome)]
-            failures = [r for r in results if isinstance(r, BaseException)]
-            on_batch(outcomes)
-            summary.outcomes.update((o.op, o.status) for o in outcomes)
+                    on_batch: Callable[[Batch], None]) -> SyncSummary:
+        self._started = time.monotonic()
+        people = [Person(r["identifier"], r["op"], r.get("email"), r.get("people_id"),
+                         json.loads(r["new_values"]) if r.get("new_values") else {},
+                         json.loads(r["data_values"]) if r.get("data_values") else None,
+                         r.get("old_values")) for r in rows]
+        self._total = len(people)
+        try:
+            for phase in self.order:
+                mine = [p for p in people if p.op == phase]
+                if phase == "delete":
+                    await self._run([self._delete(p) for p in mine], on_batch)
+                elif phase == "update":
+                    units = [self._profile(p) for p in mine if self._profile_values(p)]
+                    units += self._data_units([p for p in mine if p.data])
+                    await self._run(units, on_batch)
+                elif phase == "create":
+                    await self._run([self._create(p) for p in mine], on_batch)
+                    created = [p for p in mine if p.people_id and p.status == "ok" and p.data]
+                    await self._run(self._data_units(created), on_batch)
+        except StopRun as stop:
+            self._summary.stopped = stop
+        self._summary.people.update((p.op, p.status) for p in people)
+        self._summary.seconds = time.monotonic() - self._started
+        return self._summary
+
+    @property
+    def _halted(self) -> bool:
+        s = self._summary
+        return s.stopped is not None or s.budget_exhausted or s.circuit_open
+
+    async def _run(self, units: list[Unit], on_batch: Callable[[Batch], None]) -> None:
+        for start in range(0, len(units), self.chunk):
+            chunk = units[start:start + self.chunk]
+            results = await asyncio.gather(*(self._attempt(unit) for unit in chunk))
+            steps = [step for result in results for step in result]
+            touched = {id(p): p for unit in chunk for p in unit.people}
+            on_batch(Batch(steps, list(touched.values())))
+            self._done += sum(1 for unit in chunk if unit.step != "data")
             if self.progress:
-                self.progress(start + len(batch), len(rows), time.monotonic() - started)
-            stop = next((f for f in failures if isinstance(f, StopRun)), None)
-            if stop is not None:
-                summary.stopped = stop
-                break
-            if failures:
-                raise failures[0]
-        summary.seconds = time.monotonic() - started
-        return summary
+                self.progress(min(self._done, self._total), self._total,
+                              time.monotonic() - self._started)
+            if self._summary.stopped is not None:
+                raise self._summary.stopped
 
-    async def _person(self, row: dict[str, Any]) -> PersonOutcome:
-        outcome = PersonOutcome(row["identifier"], row["op"], row.get("email"),
-                                people_id=row.get("people_id"), old_values=row.get("old_values"))
-        values = json.loads(row["new_values"]) if row.get("new_values") else {}
-        sent_before = self.client.stats.sent
-        try:
-            if row["op"] == "create":
-                await self._create(outcome, values)
-            elif row["op"] == "update":
-                await self._update(outcome, values)
-            elif row["op"] == "delete":
-                await self.client.remove_profile(outcome.people_id)
-        except RowRejected as error:
-            if error.reason == Reason.PEOPLE_NOT_FOUND and row["op"] == "update":
-                outcome.status, outcome.confirmed = "gone", {}
-            else:
-                outcome.status = "rejected"
-            outcome.reason, outcome.message = error.reason, error.message or str(error)
-        except RetryLater as error:
-            outcome.status, outcome.reason, outcome.message = "deferred", error.reason, str(error)
-        finally:
-            outcome.requests = self.client.stats.sent - sent_before
-        return outcome
+    async def _attempt(self, unit: Unit) -> list[StepOutcome]:
+        self._unit_ids += 1
+        unit_id, sent_before = self._unit_ids, self.client.stats.sent
+        status, reason, message = "ok", None, None
+        if self._halted:
+            status, reason = "deferred", ("stopped" if self._summary.stopped else
+                                          "budget_exhausted" if self._summary.budget_exhausted
+                                          else "circuit_open")
+            message = "not sent: the run stopped sending"
+        else:
+            try:
+                await unit.send()
+                unit.confirms()
+                self._failures_in_a_row = 0
+                self._summary.units[unit.step] += 1
+            except StopRun as error:
+                self._summary.stopped = error
+                status, reason, message = "deferred", error.reason, str(error)
+            except BudgetExhausted as error:
+                self._summary.budget_exhausted = True
+                status, reason, message = "deferred", error.reason, error.message
+            except RetryLater as error:
+                status, reason, message = "deferred", error.reason, str(error)
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= self.max_consecutive_failures:
+                    self._summary.circuit_open = True
+            except RowRejected as error:
+                gone = (error.reason == Reason.PEOPLE_NOT_FOUND
+                        and unit.step in ("profile", "data"))
+                status = "gone" if gone else "rejected"
+                reason, message = error.reason, error.message or str(error)
+                self._failures_in_a_row = 0
+        requests = self.client.stats.sent - sent_before
+        steps = []
+        for person in unit.people:
+            person.settle(status)
+            steps.append(StepOutcome(person.identifier, person.op, unit.step, person.people_id,
+                                     status, reason, message, unit_id, requests))
+        return steps
 
-    async def _create(self, outcome: PersonOutcome, values: dict[str, Any]) -> None:
-        profile, sent = profile_body(values, email=outcome.email, creating=True)
-        try:
-            outcome.people_id = await self.client.create_profile(profile)
-            # a new person holds nothing but what we send: every unsent field is known empty
-            outcome.confirmed.update({f: JSON_NULL for f in self.fields if f not in values})
-        except RowRejected as error:
-            if error.reason != Reason.PEOPLE_EXISTS:
-                raise
-            # created meanwhile (or our earlier create's answer was lost): adopt, never duplicate
-            existing = await self.client.get_profile(outcome.email)
-            if existing is None:
-                raise
-            outcome.people_id = existing["people_id"]
-            del profile["email"]
-            if sent:
-                await self.client.update_profile(outcome.people_id, profile)
-        outcome.confirmed.update({f: encode_value(values[f]) for f in sent})
-        data = data_body(values, creating=True)
-        if data:
-            await self.client.update_data(outcome.people_id, data)
-            outcome.confirmed.update({f: encode_value(values[f]) for f in values
-                                      if crisp_fields.is_data_field(f)})
+    # ---------------------------------------------------------------- units
 
-    async def _update(self, outcome: PersonOutcome, values: dict[str, Any]) -> None:
-        email = values.get("email")
-        profile, sent = profile_body({k: v for k, v in values.items() if k != "email"},
-                                     email=email)
-        if sent or email is not None:
-            await self.client.update_profile(outcome.people_id, profile)
-            outcome.confirmed.update({f: encode_value(values[f]) for f in sent})
-            if email is not None:
-                outcome.confirmed["email"] = encode_value(email)
-        data = data_body(values)
-        if data:
-            await self.client.update_data(outcome.people_id, data)
-            outcome.confirmed.update({f: encode_value(values[f]) for f in values
-                                      if crisp_fields.is_data_field(f)})
+    def _confirm(self, people: list[Person], fields: list[str]) -> Callable[[], None]:
+        def confirm() -> None:
+            for person in people:
+                for name in fields:
+                    if name in person.values:
+                        person.confirmed[name] = encode_value(person.values[name])
+        return confirm
+
+    def _delete(self, person: Person) -> Unit:
+        async def send() -> None:
+            await self.client.remove_profile(person.people_id)
+        return Unit("delete", [person], send, lambda: None)
+
+    @staticmethod
+    def _profile_values(person: Person) -> dict[str, Any]:
+        return {k: v for k, v in person.values.items() if not crisp_fields.is_data_field(k)}
+
+    def _profile(self, person: Person) -> Unit:
+        values = self._profile_values(person)
+        email = values.pop("email", None)
+        body, sent = profile_body(values, email=email)
+        if email is not None:
+            sent.append("email")
+
+        async def send() -> None:
+            await self.client.update_profile(person.people_id, body)
+        return Unit("profile", [person], send, self._confirm([person], sent))
+
+    def _create(self, person: Person) -> Unit:
+        body, sent = profile_body(self._profile_values(person), email=person.email,
+                                  creating=True)
+        fields = self.fields
+
+        async def send() -> None:
+            try:
+                person.people_id = await self.client.create_profile(body)
+                # a new person holds nothing but what we send: every unsent field is empty
+                person.confirmed.update({f: JSON_NULL for f in fields
+                                         if f not in person.values})
+            except RowRejected as error:
+                if error.reason != Reason.PEOPLE_EXISTS:
+                    raise
+                # created meanwhile, or our earlier create's answer was lost: adopt, never
+                # duplicate
+                existing = await self.client.get_profile(person.email)
+                if existing is None:
+                    raise
+                person.people_id = existing["people_id"]
+                patch = {k: v for k, v in body.items() if k != "email"}
+                if sent:
+                    await self.client.update_profile(person.people_id, patch)
+        return Unit("create", [person], send, self._confirm([person], sent))
+
+    def _data_units(self, people: list[Person]) -> list[Unit]:
+        """One unit per distinct data change: batched when people share it."""
+        groups: dict[str, list[Person]] = {}
+        for person in people:
+            groups.setdefault(json.dumps(person.data, sort_keys=True), []).append(person)
+        units = []
+        for same_change in groups.values():
+            data = same_change[0].data
+            fields = [crisp_fields.data_field(key) for key in data]
+            if len(same_change) == 1:
+                person = same_change[0]
+                units.append(Unit("data", [person], self._single_data(person, data),
+                                  self._confirm([person], fields)))
+                continue
+            for start in range(0, len(same_change), self.batch_size):
+                batch = same_change[start:start + self.batch_size]
+                units.append(Unit("batch_data", batch, self._batch_data(batch, data),
+                                  self._confirm(batch, fields)))
+        return units
+
+    def _single_data(self, person: Person, data: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
+            await self.client.update_data(person.people_id, data)
+        return send
+
+    def _batch_data(self, people: list[Person], data: dict[str, Any]
+                    ) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
+            await self.client.batch_update_data([p.people_id for p in people], data)
+        return send

@@ -1,0 +1,95 @@
+"""The daily request budget of a Crisp token, kept in the state store across runs.
+
+Every activation that uses the same token (identifier) spends from the same counter for the
+current UTC day, so that together they never spend past `CRISP_DAILY_QUOTA`. Requests are
+reserved from the database in blocks and the unused part of a block is given back when the
+client closes: a crashed run can over-count (by less than a block) but never under-count, so
+the budget errs on the side of not being refused by Crisp.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+from .store import Connect
+
+SCHEMA = "crisp_pipeline"
+TABLE = f"{SCHEMA}.request_budget"
+
+
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def _ensure(connection) -> None:
+    connection.execute(f"create schema if not exists {SCHEMA}")
+    connection.execute(f"create table if not exists {TABLE} (token varchar, day date, "
+                       "spent bigint not null, primary key (token, day))")
+
+
+def spent_today(connect: Connect, token: str) -> int:
+    with connect() as connection:
+        _ensure(connection)
+        row = connection.execute(f"select spent from {TABLE} where token = ? and day = ?",
+                                 [token, _today()]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _add(connect: Connect, token: str, requests: int, quota: int) -> int:
+    """Reserve up to `requests` of today's budget; returns how many were granted."""
+    with connect() as connection:
+        _ensure(connection)
+        connection.execute("begin")
+        row = connection.execute(f"select spent from {TABLE} where token = ? and day = ?",
+                                 [token, _today()]).fetchone()
+        spent = int(row[0]) if row else 0
+        granted = max(min(requests, quota - spent), 0) if requests > 0 else requests
+        connection.execute(
+            f"insert into {TABLE} values (?, ?, ?) on conflict (token, day) "
+            "do update set spent = greatest(excluded.spent, 0)",
+            [token, _today(), spent + granted])
+        connection.execute("commit")
+    return granted
+
+
+class StoredBudget:
+    """A `RequestBudget` backed by the state store (see module docstring)."""
+
+    def __init__(self, connect: Connect, token: str, quota: int, block: int = 50) -> None:
+        self._connect = connect
+        self.token = token
+        self.quota = quota
+        self.block = block
+        self._reserved = 0  # granted by the store, not yet spent
+        self._day = _today()
+        self._lock = threading.Lock()
+
+    def try_spend(self, requests: int = 1) -> bool:
+        with self._lock:
+            if _today() != self._day:  # a new UTC day: a new budget
+                self._day, self._reserved = _today(), 0
+            if self._reserved < requests:
+                self._reserved += _add(self._connect, self.token,
+                                       max(self.block, requests - self._reserved), self.quota)
+            if self._reserved < requests:
+                return False
+            self._reserved -= requests
+            return True
+
+    @property
+    def remaining(self) -> int:
+        return max(self.quota - spent_today(self._connect, self.token), 0) + self._reserved
+
+    def close(self) -> None:
+        """Give back what was reserved and not spent."""
+        with self._lock:
+            if self._reserved and self._day == _today():
+                _add(self._connect, self.token, -self._reserved, self.quota)
+            self._reserved = 0
+
+
+def remaining_today(connect: Connect, token: str, quota: int | None) -> int | None:
+    if quota is None:
+        return None
+    return max(quota - spent_today(connect, token), 0)
