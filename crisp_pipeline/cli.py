@@ -97,22 +97,32 @@ def demo(db: str | None, people: int, serve: bool) -> None:
 @main.command()
 @click.argument("activation")
 @click.option("--db", default=None, help="DuckDB file holding the state.")
-def plan(activation: str, db: str | None) -> None:
-    """Show the latest change set of ACTIVATION and the requests it needs."""
+@click.option("--batch-size", default=None, type=int,
+              help="People per PATCH batch/data [default: the contract's maximum].")
+def plan(activation: str, db: str | None, batch_size: int | None) -> None:
+    """Show the latest change set of ACTIVATION and the requests it needs: by route, with and
+    without batching, today's budget left for CRISP_TOKEN_IDENTIFIER, and days to finish."""
     import json
+    import os
 
     from crisp_pipeline.changes.diff import counts_by_op
     from crisp_pipeline.changes.plan import request_plan
     from crisp_pipeline.crisp.config import daily_quota_from_env
+    from crisp_pipeline.state.budget import remaining_today
     from crisp_pipeline.state.store import StateStore, connect_file
 
-    store = StateStore(connect_file(_db_path(db)), f"crisp_{activation}")
+    connect = connect_file(_db_path(db))
+    store = StateStore(connect, f"crisp_{activation}")
     changes = store.read_change_set()
     if changes.is_empty() and not store.read("runs").height:
         raise click.ClickException(f"no change set for {activation!r} yet: materialize its "
                                    "change_set asset first")
+    quota, token = daily_quota_from_env(), os.environ.get("CRISP_TOKEN_IDENTIFIER")
+    options = {"batch_size": batch_size} if batch_size else {}
+    figures = request_plan(changes, daily_quota=quota, **options,
+                           budget_left=remaining_today(connect, token, quota) if token else None)
     click.echo(json.dumps({"activation": activation, "people": counts_by_op(changes),
-                           "plan": request_plan(changes, daily_quota_from_env())}, indent=2))
+                           "plan": figures}, indent=2))
 
 
 @main.command()

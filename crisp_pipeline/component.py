@@ -25,6 +25,7 @@ from crisp_pipeline.changes.normalize import SegmentSchemaError, normalize_segme
 from crisp_pipeline.changes.plan import request_plan
 from crisp_pipeline.crisp import CrispError, CrispSettings, SettingsError, StopRun
 from crisp_pipeline.crisp.config import daily_quota_from_env
+from crisp_pipeline.state.budget import remaining_today
 from crisp_pipeline.state.store import StateStore
 from crisp_pipeline.sync.run import ClientOptions, GuardRefusal, adopt_new_people, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
@@ -53,6 +54,12 @@ class CrispResource(dg.ConfigurableResource):
 
     def client_options(self) -> ClientOptions:
         return ClientOptions(self.max_in_flight, self.requests_per_second)
+
+    def budget_left(self, connect) -> int | None:
+        """Today's requests left for the configured token (no secret needed)."""
+        token = os.environ.get("CRISP_TOKEN_IDENTIFIER")
+        quota = daily_quota_from_env()
+        return remaining_today(connect, token, quota) if token else None
 
 
 class CrispRunOptions(dg.ConfigurableResource):
@@ -188,14 +195,16 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
               **common, description="Per person: create, update (changed fields, old and new "
               "values), delete or skip (with the reason). History in `change_set_history`.")
     def change_set(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                   ) -> dg.MaterializeResult:
+                   crisp: CrispResource) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
         accepted, rejected = store.read_segment()
         snapshot = store.read_snapshot(fields)
         changes = compute_change_set(accepted, rejected, snapshot, config)
         store.write_change_set(changes, context.run.run_id)
         counts = counts_by_op(changes)
-        plan = request_plan(changes, daily_quota=daily_quota_from_env())
+        plan = request_plan(changes, batch_size=config.batch_size,
+                            daily_quota=daily_quota_from_env(),
+                            budget_left=crisp.budget_left(_connector(crisp_db)))
         verdict = evaluate_guards(config, counts["delete"], snapshot.height,
                                   _source_rows(accepted, rejected))
         return dg.MaterializeResult(metadata={
@@ -204,6 +213,10 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             "dagster/table_name": f"{config.state_schema}.change_set",
             **{f"{op}s": n for op, n in counts.items()},
             "requests_planned": plan["requests"],
+            "requests_without_batching": plan["requests_without_batching"],
+            "budget_left_today": plan["budget_left_today"] if plan["budget_left_today"]
+            is not None else -1,
+            "days_to_finish": plan["days_to_finish"],
             "request_plan": dg.MetadataValue.json(plan),
             "guards": verdict.describe(),
             "preview": _preview(changes),

@@ -22,7 +22,6 @@ that opens a DuckDB connection.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -38,6 +37,14 @@ CHANGE_SET_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "email": pl.String, "people_id": pl.String,
     "op": pl.String, "reason": pl.String, "message": pl.String, "changed": pl.List(pl.String),
     "old_values": pl.String, "new_values": pl.String, "data_values": pl.String,
+}
+RUN_SCHEMA = {
+    "run_id": pl.String, "change_set_run_id": pl.String, "activation": pl.String,
+    "mode": pl.String, "dry_run": pl.Boolean, "override_guards": pl.Boolean,
+    "finished_at": pl.Datetime("us", "UTC"), "planned_create": pl.Int64,
+    "planned_update": pl.Int64, "planned_delete": pl.Int64, "people_ok": pl.Int64,
+    "people_rejected": pl.Int64, "people_deferred": pl.Int64, "requests_sent": pl.Int64,
+    "write_requests": pl.Int64, "deferred_because": pl.String, "stopped": pl.String,
 }
 OUTCOME_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "people_id": pl.String, "op": pl.String,
@@ -202,10 +209,8 @@ class StateStore:
             connection.execute("commit")
 
     def record_run(self, run: dict[str, object]) -> None:
-        row = {key: (json.dumps(value) if isinstance(value, (dict, list)) else value)
-               for key, value in run.items()}
         with self._session() as connection:
-            self._append(connection, "runs", pl.DataFrame([row]))
+            self._append(connection, "runs", pl.DataFrame([run], schema=RUN_SCHEMA))
 
     def applied_run_ids(self) -> set[str]:
         with self._session(writing=False) as connection:

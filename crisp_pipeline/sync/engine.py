@@ -274,10 +274,10 @@ class SyncEngine:
         for same_change in groups.values():
             data = same_change[0].data
             fields = [crisp_fields.data_field(key) for key in data]
-            if len(same_change) == 1:
-                person = same_change[0]
-                units.append(Unit("data", [person], self._single_data(person, data),
-                                  self._confirm([person], fields)))
+            if len(same_change) == 1 or self.batch_size == 1:  # batch_size 1: no batching
+                for person in same_change:
+                    units.append(Unit("data", [person], self._single_data(person, data),
+                                      self._confirm([person], fields)))
                 continue
             for start in range(0, len(same_change), self.batch_size):
                 batch = same_change[start:start + self.batch_size]
