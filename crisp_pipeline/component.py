@@ -26,7 +26,7 @@ from crisp_pipeline.changes.plan import request_plan
 from crisp_pipeline.crisp import CrispError, CrispSettings, SettingsError, StopRun
 from crisp_pipeline.crisp.config import daily_quota_from_env
 from crisp_pipeline.state.budget import remaining_today
-from crisp_pipeline.state.store import StateStore
+from crisp_pipeline.state.store import StateStore, StateUnavailable, connect_file
 from crisp_pipeline.sync.run import ClientOptions, GuardRefusal, adopt_new_people, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
 
@@ -82,15 +82,18 @@ def default_resources(db_path: str | None = None) -> dict[str, Any]:
 
 
 def _connector(db: DuckDBResource):
+    """Connections to the resource's DuckDB file, opened as `state.store.open_duckdb` does
+    (waiting out another writer's lock, failing at once on anything else) and always closed."""
+    connect = connect_file(db.database, db.connection_config)
+
     @contextlib.contextmanager
-    def connect() -> Iterator[Any]:
-        with db.get_connection() as connection:
-            try:
+    def guarded() -> Iterator[Any]:
+        try:
+            with connect() as connection:
                 yield connection
-            except BaseException:
-                connection.close()  # the resource does not close on errors; DuckDB locks the file
-                raise
-    return connect
+        except StateUnavailable as error:
+            raise dg.Failure(description=str(error)) from None
+    return guarded
 
 
 def _store(db: DuckDBResource, config: ActivationConfig) -> StateStore:
@@ -165,6 +168,9 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
                                        description=f"all {bad} rows were rejected",
                                        metadata={"rejected_by_reason": reasons})
+        if not bad and accepted.is_empty():
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                       description="the segment is empty")
         return dg.AssetCheckResult(
             passed=bad == 0, severity=dg.AssetCheckSeverity.WARN,
             description=f"{bad} row(s) rejected, {accepted.height} accepted",

@@ -43,7 +43,7 @@ def test_bad_rows_are_rejected_with_row_and_field_while_the_others_sync(
     assert "1025 characters; Crisp takes at most 1024" in messages[8]
     skips = pipeline.store.read("change_set").filter(pl.col("op") == "skip")
     assert skips.height == 7
-    assert "row 7:" in skips.filter(pl.col("identifier") == "long@x.io")["message"][0]
+    assert "row 7 (long@x.io):" in skips.filter(pl.col("identifier") == "long@x.io")["message"][0]
     check = pipeline.checks(result)["segment_usable"]
     assert not check.passed and check.severity.value == "WARN"
 

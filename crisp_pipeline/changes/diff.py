@@ -157,7 +157,9 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
     bad_rows = rejected.lazy().group_by(ROW).agg(
         pl.col(IDENTIFIER).first(),
         pl.col("reason").unique(maintain_order=True).str.join(",").alias("reason"),
-        pl.format("row {}: {} ({})", pl.col(ROW), pl.col("message"), pl.col("field"))
+        pl.format("row {} ({}): {} ({})", pl.col(ROW),
+                  pl.col(IDENTIFIER).fill_null("no identifier"), pl.col("message"),
+                  pl.col("field"))
         .str.join("; ").alias("message"),
     ).select(IDENTIFIER, pl.lit(None, pl.String).alias(EMAIL),
              pl.lit(None, pl.String).alias("people_id"), pl.lit("skip").alias("op"), "reason",

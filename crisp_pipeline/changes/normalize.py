@@ -127,19 +127,17 @@ def _problems(frame: pl.DataFrame, config: ActivationConfig,
     for field, column in config.managed_columns.items():
         value, kind = values[field], crisp_fields.kind_of(field)
         dtype = frame.schema[column]
+        if kind == crisp_fields.SEGMENTS:
+            too_long = value.list.eval(
+                pl.element().str.len_chars() > contract.MAX_SEGMENT_LENGTH).list.any()
+            checks.append((field, "too_long", too_long.fill_null(False), pl.lit(
+                f"{column}: a segment is longer than {contract.MAX_SEGMENT_LENGTH} characters")))
         limit = (contract.MAX_DATA_STRING_LENGTH if kind == "data"
                  else crisp_fields.MAX_LENGTH.get(kind))
         if limit and (dtype == pl.String or kind != "data"):
-            if kind == crisp_fields.SEGMENTS:
-                too_long = value.list.eval(
-                    pl.element().str.len_chars() > contract.MAX_SEGMENT_LENGTH).list.any()
-                checks.append((field, "too_long", too_long.fill_null(False), pl.lit(
-                    f"{column}: a segment is longer than {contract.MAX_SEGMENT_LENGTH} "
-                    "characters")))
-            elif kind != crisp_fields.INTEGER:
-                length = value.cast(pl.String).str.len_chars()
-                checks.append((field, "too_long", (length > limit).fill_null(False), pl.format(
-                    f"{column}: {{}} characters; Crisp takes at most {limit}", length)))
+            length = value.cast(pl.String).str.len_chars()
+            checks.append((field, "too_long", (length > limit).fill_null(False), pl.format(
+                f"{column}: {{}} characters; Crisp takes at most {limit}", length)))
         if dtype.is_float():
             checks.append((field, "not_a_finite_number",
                            (pl.col(column).is_nan() | pl.col(column).is_infinite()).fill_null(False),

@@ -93,6 +93,7 @@ class CrispClient:
         self.retry = retry or RetryPolicy()
         self.budget: RequestBudget = budget or UnlimitedBudget()
         self.stats = RequestStats()
+        self.max_in_flight = max_in_flight
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._limiter = (AsyncLimiter(requests_per_second, 1.0)
                          if requests_per_second else None)

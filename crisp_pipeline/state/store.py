@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 import duckdb
 import polars as pl
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
@@ -53,11 +54,35 @@ OUTCOME_SCHEMA = {
 }
 
 
-def connect_file(path: str) -> Connect:
-    """A `Connect` for a DuckDB file, for use outside Dagster (CLI, tests)."""
+class StateUnavailable(RuntimeError):
+    """The DuckDB file cannot be opened (not a DuckDB file, a folder, no permission...)."""
+
+
+def _is_lock_conflict(error: BaseException) -> bool:
+    return isinstance(error, duckdb.IOException) and "lock" in str(error).lower()
+
+
+@retry(retry=retry_if_exception(_is_lock_conflict), wait=wait_random_exponential(0.05, max=2),
+       stop=stop_after_delay(60), reraise=True)
+def _connect_waiting_for_lock(path: str, config: dict) -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(path, config=config)
+
+
+def open_duckdb(path: str, config: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the file read-write. Another process holding it (DuckDB allows one writer) is
+    waited for, up to a minute; anything else fails at once, naming the file."""
+    try:
+        return _connect_waiting_for_lock(path, dict(config or {}))
+    except duckdb.Error as error:
+        raise StateUnavailable(
+            f"the DuckDB file {path!r} (CRISP_PIPELINE_DB) cannot be opened: {error}") from None
+
+
+def connect_file(path: str, config: dict | None = None) -> Connect:
+    """A `Connect` for a DuckDB file: a connection per use, always closed."""
     @contextlib.contextmanager
     def connect() -> Iterator[duckdb.DuckDBPyConnection]:
-        connection = duckdb.connect(path)
+        connection = open_duckdb(path, config)
         try:
             yield connection
         finally:

@@ -157,9 +157,17 @@ class SyncEngine:
         return s.stopped is not None or s.budget_exhausted or s.circuit_open
 
     async def _run(self, units: list[Unit], on_batch: Callable[[Batch], None]) -> None:
+        # units start no faster than the client can send them, so that a stop, an empty
+        # budget or an open circuit is seen by every unit not yet started
+        slots = asyncio.Semaphore(self.client.max_in_flight)
+
+        async def attempt(unit: Unit) -> list[StepOutcome]:
+            async with slots:
+                return await self._attempt(unit)
+
         for start in range(0, len(units), self.chunk):
             chunk = units[start:start + self.chunk]
-            results = await asyncio.gather(*(self._attempt(unit) for unit in chunk))
+            results = await asyncio.gather(*(attempt(unit) for unit in chunk))
             steps = [step for result in results for step in result]
             touched = {id(p): p for unit in chunk for p in unit.people}
             on_batch(Batch(steps, list(touched.values())))
@@ -248,9 +256,10 @@ class SyncEngine:
         async def send() -> None:
             try:
                 person.people_id = await self.client.create_profile(body)
-                # a new person holds nothing but what we send: every unsent field is empty
+                # a new person holds nothing but what we send: every unsent field is empty,
+                # except the nickname Crisp requires, which may be a stand-in (left unknown)
                 person.confirmed.update({f: JSON_NULL for f in fields
-                                         if f not in person.values})
+                                         if f not in person.values and f != "person.nickname"})
             except RowRejected as error:
                 if error.reason != Reason.PEOPLE_EXISTS:
                     raise
