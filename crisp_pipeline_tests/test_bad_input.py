@@ -81,7 +81,7 @@ def test_every_bad_row_is_rejected_with_row_identifier_and_field_and_the_rest_sy
     rejected = pipeline.store.read("rejected")
     skips = pipeline.store.read("change_set").filter(pl.col("op") == "skip")
     crisp = pipeline.crisp()
-    for number, (case, source, expected) in enumerate(CASES, start=1):
+    for number, (case, _, expected) in enumerate(CASES, start=1):
         mine = rejected.filter(pl.col("row_number") == number)
         if expected[0] == "ok":
             assert mine.is_empty(), (case, mine.rows())

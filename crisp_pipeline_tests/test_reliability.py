@@ -14,7 +14,7 @@ import polars as pl
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.emulator import FaultPlan, ForcedAnswer
 
-from .conftest import PLUGIN, WEBSITE
+from .conftest import PLUGIN
 from .harness import Pipeline, crisp_env
 
 

@@ -68,7 +68,8 @@ async def adopt_by_email(client: CrispClient, people: list[tuple[str, str]],
             return error
 
     missing = [email for _, email in people if email not in profiles]
-    for email, profile in zip(missing, await asyncio.gather(*(look_up(e) for e in missing))):
+    for email, profile in zip(missing, await asyncio.gather(*(look_up(e) for e in missing)),
+                              strict=True):
         profiles[email] = profile
 
     async def adopt(identifier: str, email: str) -> Adopted | None | RetryLater:
