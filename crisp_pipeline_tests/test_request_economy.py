@@ -93,7 +93,8 @@ def test_a_budget_cut_mid_run_resumes_next_run_without_sending_anything_twice(
     crisp_env(monkeypatch, emulator)
     monkeypatch.setenv("CRISP_DAILY_QUOTA", "150")
     config = ActivationConfig(name="budget", segment={"table": "people"}, attributes=["plan"])
-    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
+    # the default file name: its catalog `crisp_pipeline` is also the budget's schema name
+    pipeline = Pipeline(emulator, str(tmp_path / "crisp_pipeline.duckdb"), config)
     people = [{"email": f"b{i:03d}@x.io", "plan": f"plan-{i}"} for i in range(100)]
     pipeline.load(people)
 

@@ -15,23 +15,30 @@ from datetime import UTC, datetime
 from .store import Connect
 
 SCHEMA = "crisp_pipeline"
-TABLE = f"{SCHEMA}.request_budget"
+
+
+def _table(connection) -> str:
+    """Fully qualified: a file named crisp_pipeline.duckdb makes a catalog of the same name."""
+    catalog = connection.execute("select current_database()").fetchone()[0]
+    return f'"{catalog}"."{SCHEMA}"."request_budget"'
 
 
 def _today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
-def _ensure(connection) -> None:
-    connection.execute(f"create schema if not exists {SCHEMA}")
-    connection.execute(f"create table if not exists {TABLE} (token varchar, day date, "
+def _ensure(connection) -> str:
+    table = _table(connection)
+    connection.execute(f'create schema if not exists "{SCHEMA}"')
+    connection.execute(f"create table if not exists {table} (token varchar, day date, "
                        "spent bigint not null, primary key (token, day))")
+    return table
 
 
 def spent_today(connect: Connect, token: str) -> int:
     with connect() as connection:
-        _ensure(connection)
-        row = connection.execute(f"select spent from {TABLE} where token = ? and day = ?",
+        table = _ensure(connection)
+        row = connection.execute(f"select spent from {table} where token = ? and day = ?",
                                  [token, _today()]).fetchone()
     return int(row[0]) if row else 0
 
@@ -39,14 +46,14 @@ def spent_today(connect: Connect, token: str) -> int:
 def _add(connect: Connect, token: str, requests: int, quota: int) -> int:
     """Reserve up to `requests` of today's budget; returns how many were granted."""
     with connect() as connection:
-        _ensure(connection)
+        table = _ensure(connection)
         connection.execute("begin")
-        row = connection.execute(f"select spent from {TABLE} where token = ? and day = ?",
+        row = connection.execute(f"select spent from {table} where token = ? and day = ?",
                                  [token, _today()]).fetchone()
         spent = int(row[0]) if row else 0
         granted = max(min(requests, quota - spent), 0) if requests > 0 else requests
         connection.execute(
-            f"insert into {TABLE} values (?, ?, ?) on conflict (token, day) "
+            f"insert into {table} values (?, ?, ?) on conflict (token, day) "
             "do update set spent = greatest(excluded.spent, 0)",
             [token, _today(), spent + granted])
         connection.execute("commit")

@@ -102,13 +102,16 @@ class StateStore:
     def __init__(self, connect: Connect, schema: str) -> None:
         self._connect = connect
         self.schema = schema
+        self._catalog = ""
 
     def table(self, name: str) -> str:
-        return f"{quote(self.schema)}.{quote(name)}"
+        # fully qualified: a file named like the schema would make an ambiguous catalog
+        return f"{quote(self._catalog)}.{quote(self.schema)}.{quote(name)}"
 
     @contextlib.contextmanager
     def _session(self, writing: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._connect() as connection:
+            self._catalog = connection.execute("select current_database()").fetchone()[0]
             if writing:
                 connection.execute(f"create schema if not exists {quote(self.schema)}")
             yield connection
