@@ -133,7 +133,7 @@ def test_bad_activation_configuration_is_refused_when_definitions_load(change, m
 
 def test_the_demo_runs_every_activation_twice_and_then_writes_nothing(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "crisp_pipeline.cli", "demo", "--db", str(tmp_path / "demo.duckdb"),
+        [sys.executable, "-m", "crisp_pipeline.cli", "demo", "--db", str(tmp_path / "crisp_pipeline.duckdb"),
          "--people", "400"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     tables = result.stdout.split("\n\n")
