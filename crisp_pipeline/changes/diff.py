@@ -34,10 +34,12 @@ OPS = ("create", "update", "delete", "skip")
 def _json_object(fields: list[str], prefix: str, include: dict[str, pl.Expr],
                  key=lambda field: field, null_as: str = JSON_NULL) -> pl.Expr:
     """`{"field": <json>, ...}` of the fields whose `include` mask is true."""
-    parts = [pl.when(include[field]).then(pl.format(
-        '"{}":{}', pl.lit(key(field)),
-        pl.col(prefix + field).fill_null(JSON_NULL).replace(JSON_NULL, null_as)))
-        for field in fields]
+    def value(field: str) -> pl.Expr:
+        text = pl.col(prefix + field).fill_null(JSON_NULL)
+        return text if null_as == JSON_NULL else text.replace(JSON_NULL, null_as)
+
+    parts = [pl.when(include[field]).then(pl.format('"{}":{}', pl.lit(key(field)), value(field)))
+             for field in fields]
     if not parts:
         return pl.lit("{}")
     body = pl.concat_str(parts, separator=",", ignore_nulls=True).fill_null("")
