@@ -188,9 +188,8 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                                       crisp.client_options(), _connector(crisp_db))
         except StopRun as error:
             raise dg.Failure(description=str(error)) from None
-        snapshot = store.read_snapshot(fields)
         return dg.MaterializeResult(metadata={
-            "dagster/row_count": snapshot.height,
+            "dagster/row_count": store.count("snapshot"),
             "dagster/table_name": f"{config.state_schema}.snapshot",
             "looked_up": report.looked_up, "adopted": report.adopted,
             "lookups_unanswered": report.unanswered, "lookup_method": report.method,
@@ -295,11 +294,11 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
 
 
 def _verdict(store: StateStore, config: ActivationConfig):
-    changes = store.read_change_set()
-    accepted, rejected = store.read_segment()
-    managed = store.read_snapshot(list(config.managed_columns)).height
-    deletes = changes.filter(pl.col("op") == "delete").height if changes.height else 0
-    return evaluate_guards(config, deletes, managed, _source_rows(accepted, rejected))
+    """Mirror's guards from counts in the state store (no table is loaded)."""
+    source_rows = (store.count("segment")
+                   + store.count("rejected", what="count(distinct row_number)"))
+    return evaluate_guards(config, store.count("change_set", where="op = 'delete'"),
+                           store.count("snapshot"), source_rows)
 
 
 def _source_rows(accepted: pl.DataFrame, rejected: pl.DataFrame) -> int:

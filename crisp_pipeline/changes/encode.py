@@ -28,8 +28,6 @@ def encode_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def decode_value(text: str) -> Any:
-    return json.loads(text)
 
 
 def iso_text(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:

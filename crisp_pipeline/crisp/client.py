@@ -35,7 +35,6 @@ from .pacing import RequestBudget, RequestStats, UnlimitedBudget
 log = logging.getLogger(__name__)
 
 USER_AGENT = "crisp-pipeline/0.1"
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @dataclass(frozen=True)

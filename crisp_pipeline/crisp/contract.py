@@ -77,7 +77,6 @@ RATE_LIMITED: Final = Answer(429, Reason.RATE_LIMITED)
 QUOTA_EXHAUSTED: Final = Answer(429, Reason.RATE_LIMITED)
 
 # Statuses that mean "try again later" (D-RATE: 429/420; I-RB18: 422; GO retries 5xx).
-RATE_LIMIT_STATUSES: Final = frozenset({420, 429})
 RETRY_LATER_STATUSES: Final = frozenset({420, 422, 429})
 # Statuses and reasons after which no further request of the run can succeed.
 STOP_RUN_STATUSES: Final = frozenset({401, 403})

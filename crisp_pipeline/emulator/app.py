@@ -21,7 +21,6 @@ import inspect
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -372,7 +371,3 @@ class Emulator:
         if request.method == "PUT":
             self.quota.set_spent(identifier, int((await request.json())["spent"]))
         return {"spent": self.quota.spent(identifier)}
-
-
-def new_admin_key() -> str:
-    return secrets.token_urlsafe(16)

@@ -249,6 +249,22 @@ class StateStore:
                 "where not dry_run and stopped is null").fetchall()
             return {row[0] for row in rows}
 
+    def count(self, name: str, what: str = "count(*)", where: str = "true") -> int:
+        """An aggregate over one of this activation's tables, 0 when the table does not
+        exist yet (so that guards and metadata never load a whole table to count it)."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, name):
+                return 0
+            return int(connection.execute(
+                f"select {what} from {self.table(name)} where {where}").fetchone()[0] or 0)
+
+    def snapshot_identifiers(self) -> pl.DataFrame:
+        """The identifiers of the managed people, without their values."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "snapshot"):
+                return pl.DataFrame(schema={"identifier": pl.String})
+            return connection.sql(f"select identifier from {self.table('snapshot')}").pl()
+
     def read(self, name: str) -> pl.DataFrame:
         """Any table of this activation (for the CLI, the demo and tests)."""
         with self._session(writing=False) as connection:

@@ -1,5 +1,6 @@
-"""Between managed fields and Crisp's JSON: request bodies from changed values, and the JSON
-text of what Crisp holds for a person we adopt."""
+"""Between managed fields and Crisp's JSON: profile bodies from changed values, and the JSON
+text of what Crisp holds for a person we adopt. (People-data bodies come ready-made from the
+change set's `data_values`.)"""
 
 from __future__ import annotations
 
@@ -39,21 +40,6 @@ def profile_body(values: dict[str, Any], *, email: str | None = None,
         # Crisp wants a nickname on create; the email's local part stands in for it.
         body.setdefault("person", {})["nickname"] = (email or "person").split("@")[0]
     return body, sent
-
-
-def data_body(values: dict[str, Any], *, creating: bool = False) -> dict[str, Any]:
-    """The people-data merge for the data fields among `values`; a null clears the key
-    (`CLEAR_DATA_VALUE`), except on a new person, who holds nothing to clear."""
-    body = {}
-    for field, value in values.items():
-        if not crisp_fields.is_data_field(field):
-            continue
-        if value is None:
-            if creating:
-                continue
-            value = contract.CLEAR_DATA_VALUE
-        body[crisp_fields.data_key(field)] = value
-    return body
 
 
 def held_values(profile: dict[str, Any], data: dict[str, Any] | None,

@@ -58,8 +58,7 @@ def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.D
                      connect: Connect) -> AdoptionReport:
     """Look up, by email, the segment's people the snapshot does not know yet."""
     fields = list(config.managed_columns)
-    snapshot = store.read_snapshot(fields)
-    new = accepted.join(snapshot.select("identifier"), on="identifier", how="anti")
+    new = accepted.join(store.snapshot_identifiers(), on="identifier", how="anti")
     report = AdoptionReport(looked_up=new.height)
     if new.is_empty():
         return report
