@@ -9,7 +9,9 @@ hold) is checked when the segment is read, before any request is sent.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -58,10 +60,32 @@ class ExternalIdentifier(_Model):
 
 
 class Guards(_Model):
-    """Mirror refuses to delete more than this in one run unless the run overrides it."""
+    """Mirror refuses to delete more than this, in one run and over a rolling window, unless
+    the run overrides it. The window counts the deletions already done in the last
+    `window_hours` together with the run's, so a source that loses a few people each run
+    cannot delete many people a little at a time (0 turns the window off)."""
 
     max_deletes: Annotated[int, Field(ge=0)] = 500
     max_delete_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
+    window_hours: Annotated[float, Field(ge=0)] = 24.0
+
+
+class MirrorPolicy(_Model):
+    """What leaving the segment means for a mirror.
+
+    - `on_leave`: `delete` (Crisp forgets the person, permanently) or `release` (we stop
+      managing them; Crisp keeps them as they are);
+    - `delete_adopted`: whether people who were already in Crisp before the activation found
+      them (adopted, not created by it) may be deleted; when false they are released;
+    - `grace_runs` / `grace_hours`: a person is deleted only once absent from this many runs
+      in a row (2: not on the first absent run, on the second) and for this long.
+    A person another activation on the same website still holds is always released.
+    """
+
+    on_leave: Literal["delete", "release"] = "delete"
+    delete_adopted: bool = False
+    grace_runs: Annotated[int, Field(ge=0)] = 0
+    grace_hours: Annotated[float, Field(ge=0)] = 0.0
 
 
 class Attribute(_Model):
@@ -93,6 +117,7 @@ class ActivationConfig(_Model):
         default=None, description="The Crisp website; CRISP_WEBSITE_ID when not set.")
     schedule: str | None = None
     guards: Guards = Field(default_factory=Guards)
+    mirror: MirrorPolicy = Field(default_factory=MirrorPolicy)
     order: tuple[Phase, Phase, Phase] = Field(
         default=("delete", "update", "create"),
         description="The order in which a run spends its requests; when the daily budget "
@@ -193,3 +218,16 @@ class ActivationConfig(_Model):
     @property
     def state_schema(self) -> str:
         return f"crisp_{self.name}"
+
+    def resolved_website_id(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The website this activation writes to: `website_id`, else CRISP_WEBSITE_ID."""
+        env = os.environ if environ is None else environ
+        return self.website_id or env.get("CRISP_WEBSITE_ID") or None
+
+    def identity(self, website_id: str | None) -> dict[str, object]:
+        """What the state must remember of this configuration to notice a change: the
+        website, the identifier, the mode and the managed fields (with their columns)."""
+        return {"website_id": website_id,
+                "identifier": (self.identifier if isinstance(self.identifier, str)
+                               else self.identifier.model_dump()),
+                "mode": self.mode.value, "fields": self.managed_columns}

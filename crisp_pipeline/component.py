@@ -19,15 +19,19 @@ from dagster_duckdb import DuckDBResource
 from pydantic import model_validator
 
 from crisp_pipeline.activation import ActivationConfig, Mode
-from crisp_pipeline.changes.diff import compute_change_set, counts_by_op
-from crisp_pipeline.changes.guards import evaluate_guards
-from crisp_pipeline.changes.normalize import SegmentSchemaError, normalize_segment
+from crisp_pipeline.changes.diff import counts_by_op
+from crisp_pipeline.changes.normalize import SegmentSchemaError
 from crisp_pipeline.changes.plan import request_plan
 from crisp_pipeline.crisp import CrispError, CrispSettings, SettingsError, StopRun
 from crisp_pipeline.crisp.config import daily_quota_from_env
+from crisp_pipeline.state import locks
 from crisp_pipeline.state.budget import remaining_today
 from crisp_pipeline.state.store import StateStore, StateUnavailable, connect_file
-from crisp_pipeline.sync.run import ClientOptions, GuardRefusal, adopt_new_people, apply_change_set
+from crisp_pipeline.sync.client import ClientOptions
+from crisp_pipeline.sync.prepare import (
+    AdoptionReport, Plan, adopt_new_people, apply_configuration_changes, current_verdict,
+    plan_change_set, rekey_moved_people, stage_segment)
+from crisp_pipeline.sync.run import GuardRefusal, apply_change_set, change_set_run_id
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
 
 DEFAULT_DB = "data/crisp_pipeline.duckdb"
@@ -67,6 +71,7 @@ class CrispRunOptions(dg.ConfigurableResource):
 
     dry_run: bool = False
     override_guards: bool = False
+    lock_wait_seconds: float = 120.0
 
 
 def pipeline_db(path: str | None = None) -> DuckDBResource:
@@ -97,7 +102,36 @@ def _connector(db: DuckDBResource):
 
 
 def _store(db: DuckDBResource, config: ActivationConfig) -> StateStore:
-    return StateStore(_connector(db), config.state_schema)
+    return StateStore(_connector(db), config.state_schema, config.resolved_website_id())
+
+
+@contextlib.contextmanager
+def _holding_activation(context: Any, db: DuckDBResource, config: ActivationConfig,
+                        options: "CrispRunOptions", *, last_step: bool = False) -> Iterator[None]:
+    """Hold the activation's lock in the state store for this run (see `state.locks`); give
+    it back when the step fails (the run goes no further) or when the run's last step ends."""
+    connect, run_id = _connector(db), context.run.run_id
+
+    def run_active(other: str) -> bool | None:
+        record = context.instance.get_run_by_id(other)
+        return None if record is None else record.status in IN_PROGRESS
+    try:
+        locks.acquire(connect, config.name, run_id, wait_seconds=options.lock_wait_seconds,
+                      run_active=run_active)
+    except locks.ActivationLocked as error:
+        raise dg.Failure(description=str(error)) from None
+    try:
+        yield
+    except BaseException:
+        locks.release(connect, config.name, run_id)
+        raise
+    if last_step:
+        locks.release(connect, config.name, run_id)
+
+
+def _release_activation(context: Any, db: DuckDBResource, config: ActivationConfig) -> None:
+    """A blocking check failed: the run stops here, so its lock is given back."""
+    locks.release(_connector(db), config.name, context.run.run_id)
 
 
 def _preview(frame: pl.DataFrame) -> dg.MetadataValue:
@@ -131,139 +165,131 @@ def _settings_factory(crisp: CrispResource, config: ActivationConfig):
 
 def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     """Assets, checks, job, schedule and sensor of one activation, keyed by its name."""
-    name, fields = config.name, list(config.managed_columns)
+    name = config.name
     key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
     common = dict(group_name=name, pool=f"crisp_{name}", owners=[],
                   tags={"crisp/mode": config.mode.value})
 
+    def source(crisp_db: DuckDBResource) -> DuckDBSource:
+        return DuckDBSource(_connector(crisp_db), config.segment, name)
+
     @dg.asset(key=key("segment"), kinds={"duckdb", "polars"}, **common,
               description=f"The people of segment {name!r}, normalised; bad rows split off "
               "with a reason (table `rejected`).")
-    def segment(context: dg.AssetExecutionContext, crisp_db: DuckDBResource) -> dg.MaterializeResult:
-        connect = _connector(crisp_db)
-        try:
-            raw = DuckDBSource(connect, config.segment, name).read()
-            normalized = normalize_segment(raw, config)
-        except (SegmentSourceError, SegmentSchemaError) as error:
-            raise dg.Failure(description=str(error)) from None
-        store = StateStore(connect, config.state_schema)
-        store.write_segment(normalized.accepted, normalized.rejected, context.run.run_id)
+    def segment(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
+                crisp_run: CrispRunOptions) -> dg.MaterializeResult:
+        with _holding_activation(context, crisp_db, config, crisp_run):
+            normalized = _stage(_store(crisp_db, config), config, source(crisp_db),
+                                context.run.run_id)
         rejected_rows = _rejected_rows(normalized.rejected)
         return dg.MaterializeResult(metadata={
             "dagster/row_count": normalized.accepted.height,
             "dagster/column_schema": _column_schema(normalized.accepted),
             "dagster/table_name": f"{config.state_schema}.segment",
             "source_rows": normalized.source_rows, "rejected_rows": rejected_rows,
+            "rows_naming_nobody": normalized.unidentified.height,
             "rejected_preview": _preview(normalized.rejected),
         })
 
     @dg.asset_check(asset=key("segment"), blocking=True, name="segment_usable",
                     description="Fails when every row of a non-empty segment is rejected; "
                     "warns when some are.")
-    def segment_usable(crisp_db: DuckDBResource) -> dg.AssetCheckResult:
+    def segment_usable(context: dg.AssetCheckExecutionContext,
+                       crisp_db: DuckDBResource) -> dg.AssetCheckResult:
         accepted, rejected = _store(crisp_db, config).read_segment()
-        bad = _rejected_rows(rejected)
-        reasons = (dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {})
-        if bad and accepted.is_empty():
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                                       description=f"all {bad} rows were rejected",
-                                       metadata={"rejected_by_reason": reasons})
-        if not bad and accepted.is_empty():
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                       description="the segment is empty")
-        return dg.AssetCheckResult(
-            passed=bad == 0, severity=dg.AssetCheckSeverity.WARN,
-            description=f"{bad} row(s) rejected, {accepted.height} accepted",
-            metadata={"rejected_by_reason": reasons})
+        result = _segment_verdict(accepted, rejected)
+        if not result.passed and result.severity == dg.AssetCheckSeverity.ERROR:
+            _release_activation(context.op_execution_context, crisp_db, config)
+        return result
 
     @dg.asset(key=key("crisp_snapshot"), deps=[segment], kinds={"crisp", "duckdb"}, **common,
               description="What Crisp holds for the people this activation manages, as last "
               "confirmed; people already in Crisp are adopted by email, never duplicated.")
     def crisp_snapshot(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                       crisp: CrispResource) -> dg.MaterializeResult:
+                       crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
-        accepted, _ = store.read_segment()
-        try:
-            report = adopt_new_people(store, config, accepted, _settings_factory(crisp, config),
-                                      crisp.client_options(), _connector(crisp_db))
-        except StopRun as error:
-            raise dg.Failure(description=str(error)) from None
+        with _holding_activation(context, crisp_db, config, crisp_run):
+            changes, rekeyed, report = _refresh_snapshot(store, config, crisp, crisp_db,
+                                                         context.run.run_id)
+        for change in changes:
+            context.log.warning(f"{name}: configuration change: {change}")
         return dg.MaterializeResult(metadata={
             "dagster/row_count": store.count("snapshot"),
             "dagster/table_name": f"{config.state_schema}.snapshot",
-            "looked_up": report.looked_up, "adopted": report.adopted,
+            "website_id": store.website_id or "",
+            "configuration_changes": dg.MetadataValue.json(changes),
+            "rekeyed": rekeyed, "looked_up": report.looked_up, "adopted": report.adopted,
+            "adoption_conflicts": report.conflicts,
             "lookups_unanswered": report.unanswered, "lookup_method": report.method,
             "requests_sent": report.stats.sent,
         })
 
     @dg.asset(key=key("change_set"), deps=[crisp_snapshot], kinds={"polars", "duckdb"},
               **common, description="Per person: create, update (changed fields, old and new "
-              "values), delete or skip (with the reason). History in `change_set_history`.")
+              "values), delete, release or skip (with the reason). History in "
+              "`change_set_history`.")
     def change_set(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                   crisp: CrispResource) -> dg.MaterializeResult:
+                   crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
-        accepted, rejected = store.read_segment()
-        snapshot = store.read_snapshot(fields)
-        changes = compute_change_set(accepted, rejected, snapshot, config)
-        store.write_change_set(changes, context.run.run_id)
-        counts = counts_by_op(changes)
-        plan = request_plan(changes, batch_size=config.batch_size,
-                            daily_quota=daily_quota_from_env(),
-                            budget_left=crisp.budget_left(_connector(crisp_db)))
-        verdict = evaluate_guards(config, counts["delete"], snapshot.height,
-                                  _source_rows(accepted, rejected))
-        return dg.MaterializeResult(metadata={
-            "dagster/row_count": changes.height,
-            "dagster/column_schema": _column_schema(changes),
-            "dagster/table_name": f"{config.state_schema}.change_set",
-            **{f"{op}s": n for op, n in counts.items()},
-            "requests_planned": plan["requests"],
-            "requests_without_batching": plan["requests_without_batching"],
-            "budget_left_today": plan["budget_left_today"] if plan["budget_left_today"]
-            is not None else -1,
-            "days_to_finish": plan["days_to_finish"],
-            "request_plan": dg.MetadataValue.json(plan),
-            "guards": verdict.describe(),
-            "preview": _preview(changes),
-        })
+        with _holding_activation(context, crisp_db, config, crisp_run):
+            planned = plan_change_set(store, config, context.run.run_id,
+                                      override_guards=crisp_run.override_guards,
+                                      dry_run=crisp_run.dry_run)
+        return dg.MaterializeResult(metadata=_change_set_metadata(
+            store, config, planned, crisp.budget_left(_connector(crisp_db))))
 
     @dg.asset_check(asset=key("change_set"), blocking=True, name="mirror_guards",
                     description="Mirror refuses an empty segment and deletions beyond "
-                    "max_deletes / max_delete_fraction, unless the run overrides its guards.")
-    def mirror_guards(crisp_db: DuckDBResource, crisp_run: CrispRunOptions) -> dg.AssetCheckResult:
-        verdict = _verdict(_store(crisp_db, config), config)
+                    "max_deletes / max_delete_fraction (in the run and over the rolling "
+                    "window), unless the run overrides its guards.")
+    def mirror_guards(context: dg.AssetCheckExecutionContext, crisp_db: DuckDBResource,
+                      crisp_run: CrispRunOptions) -> dg.AssetCheckResult:
+        verdict = current_verdict(_store(crisp_db, config), config)
         overridden = not verdict.passed and crisp_run.override_guards
+        if not (verdict.passed or overridden):
+            _release_activation(context.op_execution_context, crisp_db, config)
         return dg.AssetCheckResult(
             passed=verdict.passed or overridden, severity=dg.AssetCheckSeverity.ERROR,
             description=("guards overridden for this run: " if overridden else "")
             + verdict.describe(),
             metadata={"deletes": verdict.deletes, "managed": verdict.managed,
+                      "deleted_in_window": verdict.deleted_in_window,
                       "delete_fraction": round(verdict.fraction, 4),
                       "override_guards": crisp_run.override_guards})
 
     @dg.asset(key=key("crisp_sync"), deps=[change_set], kinds={"crisp", "api"}, **common,
-              description="Applies the change set to Crisp; only confirmed writes enter the "
-              "snapshot. Per-person outcomes in table `outcomes`.")
+              description="Applies this run's change set to Crisp; only confirmed writes enter "
+              "the snapshot. Per-person outcomes in table `outcomes`.")
     def crisp_sync(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
                    crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
-        store = _store(crisp_db, config)
+        store, run_id = _store(crisp_db, config), context.run.run_id
 
         def progress(done: int, total: int, seconds: float) -> None:
             rate = done / seconds if seconds else 0.0
             eta = (total - done) / rate if rate else 0.0
             context.log.info(f"{name}: {done}/{total} people, {rate:.1f}/s, ETA {eta:.0f}s")
 
-        try:
-            report = apply_change_set(
-                store, config, context.run.run_id, _settings_factory(crisp, config),
-                crisp.client_options(), _connector(crisp_db), dry_run=crisp_run.dry_run,
-                verdict=_verdict(store, config), override_guards=crisp_run.override_guards,
-                progress=progress)
-        except (GuardRefusal, CrispError) as error:
-            raise dg.Failure(description=str(error)) from None
+        with _holding_activation(context, crisp_db, config, crisp_run, last_step=True):
+            recomputed = change_set_run_id(store) != run_id
+            if recomputed:
+                # a re-execution (or a lone sync step): never apply another run's change
+                # set; plan again from the source and Crisp as they are now
+                context.log.warning(f"{name}: the stored change set is not this run's; "
+                                    "recomputing it from the current source")
+                _recompute(store, config, crisp, crisp_db, crisp_run, source(crisp_db), run_id)
+            try:
+                report = apply_change_set(
+                    store, config, run_id, _settings_factory(crisp, config),
+                    crisp.client_options(), _connector(crisp_db), dry_run=crisp_run.dry_run,
+                    verdict=current_verdict(store, config),
+                    override_guards=crisp_run.override_guards, progress=progress,
+                    heartbeat=lambda: locks.heartbeat(_connector(crisp_db), name, run_id))
+            except (GuardRefusal, CrispError) as error:
+                raise dg.Failure(description=str(error)) from None
         return dg.MaterializeResult(metadata={
             **{k: (dg.MetadataValue.json(v) if isinstance(v, dict) else v)
                for k, v in report.as_metadata().items()},
+            "recomputed_change_set": recomputed,
             "dagster/table_name": f"{config.state_schema}.outcomes",
         })
 
@@ -293,16 +319,81 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                           schedules=schedules, sensors=sensors)
 
 
-def _verdict(store: StateStore, config: ActivationConfig):
-    """Mirror's guards from counts in the state store (no table is loaded)."""
-    source_rows = (store.count("segment")
-                   + store.count("rejected", what="count(distinct row_number)"))
-    return evaluate_guards(config, store.count("change_set", where="op = 'delete'"),
-                           store.count("snapshot"), source_rows)
+def _stage(store: StateStore, config: ActivationConfig, source: DuckDBSource, run_id: str):
+    try:
+        return stage_segment(store, config, source, run_id)
+    except (SegmentSourceError, SegmentSchemaError) as error:
+        raise dg.Failure(description=str(error)) from None
 
 
-def _source_rows(accepted: pl.DataFrame, rejected: pl.DataFrame) -> int:
-    return accepted.height + _rejected_rows(rejected)
+def _segment_verdict(accepted: pl.DataFrame, rejected: pl.DataFrame) -> dg.AssetCheckResult:
+    bad = _rejected_rows(rejected)
+    reasons = (dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {})
+    if bad and accepted.is_empty():
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                   description=f"all {bad} rows were rejected",
+                                   metadata={"rejected_by_reason": reasons})
+    if not bad and accepted.is_empty():
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                   description="the segment is empty")
+    return dg.AssetCheckResult(
+        passed=bad == 0, severity=dg.AssetCheckSeverity.WARN,
+        description=f"{bad} row(s) rejected, {accepted.height} accepted",
+        metadata={"rejected_by_reason": reasons})
+
+
+def _refresh_snapshot(store: StateStore, config: ActivationConfig, crisp: CrispResource,
+                      crisp_db: DuckDBResource, run_id: str
+                      ) -> tuple[list[str], int, AdoptionReport]:
+    """Configuration changes, re-keyed people, then adoption of the people still unknown."""
+    if not store.website_id:
+        raise dg.Failure(description=f"activation {config.name!r}: no Crisp website: set "
+                         "`website_id` or CRISP_WEBSITE_ID")
+    changes = apply_configuration_changes(store, config, run_id)
+    accepted, rejected = store.read_segment()
+    rekeyed = rekey_moved_people(store, accepted, rejected)
+    try:
+        report = adopt_new_people(store, config, accepted, _settings_factory(crisp, config),
+                                  crisp.client_options(), _connector(crisp_db))
+    except StopRun as error:
+        raise dg.Failure(description=str(error)) from None
+    return changes, rekeyed, report
+
+
+def _recompute(store: StateStore, config: ActivationConfig, crisp: CrispResource,
+               crisp_db: DuckDBResource, options: CrispRunOptions, source: DuckDBSource,
+               run_id: str) -> Plan:
+    """Every step before the sync, for a sync whose run did not compute its change set."""
+    normalized = _stage(store, config, source, run_id)
+    verdict = _segment_verdict(normalized.accepted, normalized.rejected)
+    if not verdict.passed and verdict.severity == dg.AssetCheckSeverity.ERROR:
+        raise dg.Failure(description=f"segment_usable: {verdict.description}")
+    _refresh_snapshot(store, config, crisp, crisp_db, run_id)
+    return plan_change_set(store, config, run_id, override_guards=options.override_guards,
+                           dry_run=options.dry_run)
+
+
+def _change_set_metadata(store: StateStore, config: ActivationConfig, planned: Plan,
+                         budget_left: int | None) -> dict[str, Any]:
+    changes = planned.planned.change_set
+    counts = counts_by_op(changes)
+    plan = request_plan(changes, batch_size=config.batch_size,
+                        daily_quota=daily_quota_from_env(), budget_left=budget_left)
+    return {
+        "dagster/row_count": changes.height,
+        "dagster/column_schema": _column_schema(changes),
+        "dagster/table_name": f"{config.state_schema}.change_set",
+        **{f"{op}s": n for op, n in counts.items()},
+        "departures_held": planned.planned.held_departures,
+        "requests_planned": plan["requests"],
+        "requests_without_batching": plan["requests_without_batching"],
+        "budget_left_today": plan["budget_left_today"] if plan["budget_left_today"]
+        is not None else -1,
+        "days_to_finish": plan["days_to_finish"],
+        "request_plan": dg.MetadataValue.json(plan),
+        "guards": planned.verdict.describe(),
+        "preview": _preview(changes),
+    }
 
 
 def _rejected_rows(rejected: pl.DataFrame) -> int:
@@ -360,6 +451,7 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
     website_id: str | None = None
     schedule: str | None = None
     guards: dict[str, float] = {}
+    mirror: dict[str, str | bool | float] = {}
     order: list[str] | None = None
     batch_size: int | None = None
 
@@ -370,8 +462,9 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
 
     def activation(self) -> ActivationConfig:
         values = self.model_dump(exclude_none=True)
-        if not values.get("guards"):
-            values.pop("guards", None)
+        for section in ("guards", "mirror"):
+            if not values.get(section):
+                values.pop(section, None)
         return ActivationConfig.model_validate(values)
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

@@ -37,7 +37,8 @@ class Pipeline:
         self.defs = dg.Definitions.merge(build_activation_defs(config),
                                          dg.Definitions(resources=default_resources(db_path)))
         self.job = self.defs.resolve_job_def(f"{config.name}_job")
-        self.store = StateStore(connect_file(db_path), config.state_schema)
+        self.store = StateStore(connect_file(db_path), config.state_schema,
+                                config.website_id or WEBSITE)
         self.fields = list(config.managed_columns)
         self._log_mark = 0
 

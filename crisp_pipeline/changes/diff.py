@@ -3,39 +3,55 @@
 `op` is one of:
 - `create`: in the segment, not managed yet (upsert, mirror) — every non-null field is sent;
 - `update`: managed and at least one field differs — only the differing fields are sent;
-- `delete`: managed, gone from the source, mode mirror — never a person whose row is still in
-  the source but was rejected (a failed row must not become a deletion);
-- `skip`: nothing will be sent, and `reason` says why (`not_in_crisp` in update_only mode, or
-  the rejection reason of a bad row, with `message` naming the row and the field).
+- `delete`: mode mirror, a managed person no row of the source reaches any more (neither by
+  identifier nor by email, accepted or rejected: a failed row must not become a deletion),
+  decided by `departures` (which may also hold or release them);
+- `release`: mirror stops managing a departed person and leaves them in Crisp (no request);
+- `skip`: nothing will be sent, and `reason` says why (`not_in_crisp` in update_only mode,
+  `email_taken` when a new row's email is a managed person's who is still in the source,
+  `departure_held` / `grace_period` for departures mirror holds back, or the rejection
+  reason of a bad row, with `message` naming the row and the field).
 
 `changed` lists the fields to write; `old_values` / `new_values` are JSON objects of those
 fields (JSON text values, see `encode`); `data_values` is the people-data merge body to send
 (keys without `data.`, a cleared value as Crisp's clearing value), the key by which identical
 data changes are batched. A field whose snapshot value is unknown (SQL NULL:
 the field was added to the configuration later) and whose new value is null is not written:
-clearing a value we never set is not our business.
+clearing a value we never set is not our business. A field whose snapshot value is
+UNCONFIRMED (added to the configuration since the last run) is written whatever it holds.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-from crisp_pipeline.activation import ActivationConfig, Mode
+from dataclasses import dataclass
 
+from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.crisp import contract
+from crisp_pipeline.state.store import ABSENCE_SCHEMA, UNCONFIRMED
 
 from . import fields as crisp_fields
+from .departures import DepartureContext, decide
 from .encode import JSON_NULL, encode_expr, encode_value
 from .normalize import EMAIL, IDENTIFIER, ROW
 
-OPS = ("create", "update", "delete", "skip")
+OPS = ("create", "update", "delete", "release", "skip")
+
+
+@dataclass(frozen=True)
+class PlannedChanges:
+    change_set: pl.DataFrame
+    absences: pl.DataFrame | None  # mirror: who is absent, to remember for the grace period
+    held_departures: int  # mirror: departures held because someone may still be there
+    unidentified_rows: int
 
 
 def _json_object(fields: list[str], prefix: str, include: dict[str, pl.Expr],
                  key=lambda field: field, null_as: str = JSON_NULL) -> pl.Expr:
     """`{"field": <json>, ...}` of the fields whose `include` mask is true."""
     def value(field: str) -> pl.Expr:
-        text = pl.col(prefix + field).fill_null(JSON_NULL)
+        text = pl.col(prefix + field).fill_null(JSON_NULL).replace(UNCONFIRMED, JSON_NULL)
         return text if null_as == JSON_NULL else text.replace(JSON_NULL, null_as)
 
     parts = [pl.when(include[field]).then(pl.format('"{}":{}', pl.lit(key(field)), value(field)))
@@ -70,7 +86,16 @@ def _row_hash(columns: list[str]) -> pl.Expr:
 
 
 def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
-                       snapshot: pl.DataFrame, config: ActivationConfig) -> pl.DataFrame:
+                       snapshot: pl.DataFrame, config: ActivationConfig,
+                       departures: DepartureContext | None = None) -> pl.DataFrame:
+    return plan_changes(segment, rejected, snapshot, config, departures).change_set
+
+
+def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.DataFrame,
+                 config: ActivationConfig,
+                 departures: DepartureContext | None = None) -> PlannedChanges:
+    """The change set; for a mirror, `departures` decides the fate of people who left (without
+    it, every departure is a deletion: for benchmarks and tests of the diff alone)."""
     fields = list(config.managed_columns)
     fingerprinted = fields if config.keyed_by_email else [*fields, EMAIL]
     # 1. who differs at all: a join of identifiers and fingerprints only
@@ -86,15 +111,23 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
     new = segment.select(pl.col(EMAIL).alias("new_email"),
                          *[pl.col(f).alias("new:" + f) for f in fields]
                          )[new_rows].with_columns(new_rows.alias("i_new"))
-    old = snapshot.select("people_id", pl.col(EMAIL).alias("old_email"),
+    old = snapshot.select("people_id", "origin", pl.col(EMAIL).alias("old_email"),
                           *[pl.col(f).alias("old:" + f) for f in fields]
                           )[old_rows].with_columns(old_rows.alias("i_old"))
     rejected_ids = rejected.get_column(IDENTIFIER).drop_nulls().implode()
+    # a managed person is still reached by a source row carrying their email, even under
+    # another identifier or in a rejected row: such a person has not left
+    source_emails = pl.concat([segment.get_column(EMAIL), rejected.get_column(EMAIL)]
+                              ).drop_nulls().str.to_lowercase().implode()
+    managed_emails = snapshot.get_column(EMAIL).drop_nulls().str.to_lowercase().implode()
     joined = (keys.lazy().join(new.lazy(), on="i_new", how="left")
               .join(old.lazy(), on="i_old", how="left")
               .with_columns(pl.col("i_new").is_not_null().alias("in_segment"),
                             pl.col("i_old").is_not_null().alias("in_snapshot"),
-                            pl.col(IDENTIFIER).is_in(rejected_ids).alias("in_rejected")))
+                            (pl.col(IDENTIFIER).is_in(rejected_ids)
+                             | pl.col("old_email").str.to_lowercase().is_in(source_emails)
+                             ).alias("reached"),
+                            pl.col("new_email").is_in(managed_emails).alias("email_taken")))
     if not config.keyed_by_email:
         # under an external id, a changed email is written like a field (never on create)
         joined = joined.with_columns(encode_expr(pl.col("new_email")).alias("new:email"),
@@ -114,9 +147,10 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
     gone_op = pl.lit("delete" if config.mode == Mode.MIRROR else None, pl.String)
     any_differs = pl.any_horizontal(list(differs.values())) if differs else pl.lit(False)
     base = joined.with_columns(
-        pl.when(listed & ~known).then(unknown_op)
+        pl.when(listed & ~known & pl.col("email_taken")).then(pl.lit("taken"))
+        .when(listed & ~known).then(unknown_op)
         .when(listed & known & any_differs).then(pl.lit("update"))
-        .when(~listed & known & ~pl.col("in_rejected")).then(gone_op)
+        .when(~listed & known & ~pl.col("reached")).then(gone_op)
         .otherwise(None).alias("op"),
         pl.coalesce("new_email", "old_email").alias(EMAIL),
     )
@@ -145,8 +179,20 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
         _json_object(compared, "old:", differs).alias("old_values"),
         _json_object(compared, "new:", differs).alias("new_values"),
         data_values(differs, clear).alias("data_values"))
-    deletes = base.filter(pl.col("op") == "delete").with_columns(
-        none.alias("reason"), none.alias("message"), no_fields.alias("changed"),
+    departed = base.filter(pl.col("op") == "delete").collect()
+    decided = absences = None
+    if departures is not None and departed.height:
+        outcome = decide(departed.select(IDENTIFIER, "people_id", "origin",
+                                         *[pl.col("old:" + f) for f in fields]),
+                         fields, config.mirror, departures)
+        decided, absences = outcome.decided, outcome.absences
+        departed = departed.drop("op").join(decided.lazy().collect(), on=IDENTIFIER)
+    elif departures is not None:
+        absences = pl.DataFrame(schema=ABSENCE_SCHEMA)
+    if decided is None:
+        departed = departed.with_columns(none.alias("reason"), none.alias("message"))
+    leaving = departed.lazy().with_columns(
+        no_fields.alias("changed"),
         _json_object(fields, "old:", {f: pl.lit(True) for f in fields}).alias("old_values"),
         none.alias("new_values"), none.alias("data_values"))
     skips = base.filter(pl.col("op") == "skip").with_columns(
@@ -154,7 +200,16 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
         pl.lit("not in Crisp, and update_only never creates people").alias("message"),
         no_fields.alias("changed"), none.alias("old_values"),
         _json_object(fields, "new:", to_create).alias("new_values"), none.alias("data_values"))
-    work = pl.concat([part.select(columns) for part in (creates, updates, deletes, skips)])
+    taken = base.filter(pl.col("op") == "taken").with_columns(
+        pl.lit("skip").alias("op"), pl.lit("email_taken").alias("reason"),
+        pl.format("{} is the email of a person this activation manages under another "
+                  "identifier still in the source; Crisp holds one person per email, so this "
+                  "row waits until that person's email changes", pl.col("new_email"))
+        .alias("message"),
+        no_fields.alias("changed"), none.alias("old_values"),
+        _json_object(fields, "new:", to_create).alias("new_values"), none.alias("data_values"))
+    work = pl.concat([part.select(columns)
+                      for part in (creates, updates, leaving, skips, taken)])
 
     bad_rows = rejected.lazy().group_by(ROW).agg(
         pl.col(IDENTIFIER).first(),
@@ -171,7 +226,10 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
              pl.lit(None, pl.String).alias("data_values"))
 
     order = pl.col("op").replace_strict({op: i for i, op in enumerate(OPS)}, return_dtype=pl.Int8)
-    return pl.concat([work, bad_rows]).sort(order, IDENTIFIER, nulls_last=True).collect()
+    change_set = pl.concat([work, bad_rows]).sort(order, IDENTIFIER, nulls_last=True).collect()
+    held = 0 if decided is None else decided.filter(pl.col("reason") == "departure_held").height
+    unidentified = 0 if departures is None else departures.unidentified.height
+    return PlannedChanges(change_set, absences, held, unidentified)
 
 
 def counts_by_op(change_set: pl.DataFrame) -> dict[str, int]:

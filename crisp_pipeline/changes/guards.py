@@ -1,5 +1,6 @@
-"""Mirror's safety catch: no deletions from an empty source, none beyond the configured limits,
-unless a run says so explicitly."""
+"""Mirror's safety catch: no deletions from an empty source, none beyond the configured limits
+(in this run, and over the rolling window together with the deletions already done), unless a
+run says so explicitly."""
 
 from __future__ import annotations
 
@@ -19,29 +20,44 @@ class GuardVerdict:
     managed: int
     source_rows: int
     problems: list[str] = field(default_factory=list)
+    deleted_in_window: int = 0
 
     @property
     def fraction(self) -> float:
-        return self.deletes / self.managed if self.managed else 0.0
+        """This run's deletions and the window's, over the people managed before them."""
+        before = self.managed + self.deleted_in_window
+        return (self.deletes + self.deleted_in_window) / before if before else 0.0
 
     def describe(self) -> str:
         if self.passed:
-            return (f"{self.deletes} deletion(s) of {self.managed} managed people: within limits")
+            window = (f" ({self.deleted_in_window} more in the window)"
+                      if self.deleted_in_window else "")
+            return (f"{self.deletes} deletion(s) of {self.managed} managed people{window}: "
+                    "within limits")
         return "; ".join(self.problems) + f". {OVERRIDE_HINT}"
 
 
 def evaluate_guards(config: ActivationConfig, deletes: int, managed: int,
-                    source_rows: int) -> GuardVerdict:
+                    source_rows: int, deleted_in_window: int = 0) -> GuardVerdict:
     problems = []
+    guards = config.guards
     if config.mode == Mode.MIRROR:
+        window = (f" together with the {deleted_in_window} already deleted in the last "
+                  f"{guards.window_hours:g} h" if deleted_in_window else "")
+        total = deletes + deleted_in_window
+        before = managed + deleted_in_window
         if source_rows == 0:
             problems.append(f"the segment of {config.name!r} is empty; mirror would delete "
                             f"all {managed} managed people, so it refuses to run")
-        if deletes > config.guards.max_deletes:
-            problems.append(f"{deletes} people would be deleted, more than max_deletes "
-                            f"({config.guards.max_deletes})")
-        if managed and deletes / managed > config.guards.max_delete_fraction:
-            problems.append(f"{deletes} of {managed} managed people ({deletes / managed:.1%}) "
+        if deletes and total > guards.max_deletes:
+            problems.append(f"{deletes} people would be deleted{window}, more than "
+                            f"max_deletes ({guards.max_deletes})")
+        if deletes and before and total / before > guards.max_delete_fraction:
+            problems.append(f"{total} of {before} managed people ({total / before:.1%}) would be "
+                            f"deleted{window}, more than max_delete_fraction "
+                            f"({guards.max_delete_fraction:.1%})" if deleted_in_window else
+                            f"{deletes} of {managed} managed people ({total / before:.1%}) "
                             "would be deleted, more than max_delete_fraction "
-                            f"({config.guards.max_delete_fraction:.1%})")
-    return GuardVerdict(not problems, deletes, managed, source_rows, problems)
+                            f"({guards.max_delete_fraction:.1%})")
+    return GuardVerdict(not problems, deletes, managed, source_rows, problems,
+                        deleted_in_window)

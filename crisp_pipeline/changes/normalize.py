@@ -28,8 +28,9 @@ IDENTIFIER = "identifier"
 EMAIL = "email"
 # While normalising, bookkeeping columns carry names no source column can have.
 _ROW, _IDENTIFIER, _EMAIL = "__crisp_row", "__crisp_identifier", "__crisp_email"
-REJECTED_SCHEMA = {ROW: pl.Int64, IDENTIFIER: pl.String, "field": pl.String,
+REJECTED_SCHEMA = {ROW: pl.Int64, IDENTIFIER: pl.String, EMAIL: pl.String, "field": pl.String,
                    "reason": pl.String, "message": pl.String}
+LISTED_ROWS = 10  # a message names at most this many other rows
 
 _SCALARS = (pl.String, pl.Boolean, pl.Date, pl.Time, pl.Null, pl.Categorical, pl.Enum)
 
@@ -41,7 +42,9 @@ class SegmentSchemaError(ValueError):
 @dataclass(frozen=True)
 class NormalizedSegment:
     accepted: pl.DataFrame  # row_number, identifier, email, then one JSON-text column per field
-    rejected: pl.DataFrame  # one row per problem: row_number, identifier, field, reason, message
+    rejected: pl.DataFrame  # one row per problem: row_number, identifier, email, field, reason,
+    # message
+    unidentified: pl.DataFrame  # rows naming nobody: row_number, then the JSON text per field
     source_rows: int
 
 
@@ -113,15 +116,15 @@ def _problems(frame: pl.DataFrame, config: ActivationConfig,
     identifier_column, email_column = config.identifier_column, config.email_column
     email = pl.col(_EMAIL)
     email_pattern = contract.EMAIL_PATTERN.pattern
+    invalid_email = email.is_not_null() & (~email.str.contains(email_pattern)
+                                           | (email.str.len_chars() > contract.MAX_EMAIL_LENGTH))
     checks = [
         (identifier_column, "missing_identifier", pl.col(_IDENTIFIER).is_null(),
          pl.lit(f"{identifier_column} is empty: the row cannot be matched to a Crisp person")),
         (email_column, "missing_email",
          pl.col(_IDENTIFIER).is_not_null() & email.is_null(),
          pl.lit(f"{email_column} is empty: Crisp identifies people by email")),
-        (email_column, "invalid_email",
-         email.is_not_null() & (~email.str.contains(email_pattern)
-                                | (email.str.len_chars() > contract.MAX_EMAIL_LENGTH)),
+        (email_column, "invalid_email", invalid_email,
          pl.format("{} is not a valid email address", pl.col(email_column).cast(pl.String))),
     ]
     for field, column in config.managed_columns.items():
@@ -163,7 +166,8 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW),
         identifier.alias(_IDENTIFIER), email.alias(_EMAIL),
     )
-    where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER))
+    where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
+             pl.col(_EMAIL).alias(EMAIL))
 
     problems = []
     for field, reason, condition, message in _problems(frame, config, values):
@@ -171,20 +175,47 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
             *where, pl.lit(field).alias("field"), pl.lit(reason).alias("reason"),
             message.alias("message")))
 
-    rows_of = (frame.filter(pl.col(_IDENTIFIER).is_not_null())
-               .group_by(_IDENTIFIER).agg(pl.col(_ROW).sort().alias("rows"))
-               .filter(pl.col("rows").list.len() > 1))
-    duplicates = frame.join(rows_of, on=_IDENTIFIER, how="inner").select(
-        *where, pl.lit(config.identifier_column).alias("field"),
-        pl.lit("duplicate_identifier").alias("reason"),
-        pl.format("{} appears in rows {}: every copy is held back until one remains",
-                  pl.col(_IDENTIFIER),
-                  pl.col("rows").cast(pl.List(pl.String)).list.join(", ")).alias("message"))
-    problems.append(duplicates)
+    problems.append(_same_person_twice(
+        frame, _IDENTIFIER, config.identifier_column, "duplicate_identifier", where,
+        "{} appears in rows {}: every copy is held back until one remains"))
+    if not config.keyed_by_email:
+        # two external ids with one email would be one Crisp person (Crisp keys by email)
+        problems.append(_same_person_twice(
+            frame.filter(pl.col(_EMAIL).is_not_null()).unique([_IDENTIFIER, _EMAIL]),
+            _EMAIL, config.email_column, "shared_email", where,
+            "{} is the email of rows {}, which have different ids; Crisp holds one person "
+            "per email, so every row is held back until one remains",
+            frame=frame))
     rejected = pl.concat([p.cast(REJECTED_SCHEMA) for p in problems]).sort(ROW, "field")
 
     encoded = [encode_expr(values[field]).alias(field) for field in config.managed_columns]
     accepted = (frame.join(rejected.select(pl.col(ROW).alias(_ROW)).unique(), on=_ROW,
                            how="anti")
-                .select(*where, pl.col(_EMAIL).alias(EMAIL), *encoded))
-    return NormalizedSegment(accepted=accepted, rejected=rejected, source_rows=raw.height)
+                .select(*where, *encoded))
+    # rows that name nobody (no identifier; keyed by email, an email that is no one's): such a
+    # row is still someone, which mirror must keep in mind before deleting anybody
+    names_nobody = pl.col("reason") == "missing_identifier"
+    if config.keyed_by_email:
+        names_nobody = names_nobody | (pl.col("reason") == "invalid_email")
+    nobody = rejected.filter(names_nobody).select(pl.col(ROW).alias(_ROW)).unique()
+    unidentified = frame.join(nobody, on=_ROW, how="semi").select(pl.col(_ROW).alias(ROW),
+                                                                  *encoded)
+    return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,
+                             source_rows=raw.height)
+
+
+def _same_person_twice(rows: pl.DataFrame, key: str, field: str, reason: str, where: tuple,
+                       message: str, frame: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Every row of `frame` whose `key` is shared by more than one row of `rows`, rejected
+    with a message naming (up to LISTED_ROWS of) the rows that share it."""
+    frame = rows if frame is None else frame
+    rows_of = (rows.filter(pl.col(key).is_not_null())
+               .group_by(key).agg(pl.col(_ROW).sort().alias("rows"))
+               .filter(pl.col("rows").list.len() > 1))
+    listed = pl.col("rows").list.head(LISTED_ROWS).cast(pl.List(pl.String)).list.join(", ")
+    more = pl.col("rows").list.len().cast(pl.Int64) - LISTED_ROWS
+    listed = pl.when(more > 0).then(pl.format("{} and {} more", listed, more)).otherwise(listed)
+    shared_rows = frame.join(rows_of.select(key), on=key, how="inner").join(
+        rows_of, on=key, how="left")
+    return shared_rows.select(*where, pl.lit(field).alias("field"), pl.lit(reason).alias("reason"),
+                              pl.format(message, pl.col(key), listed).alias("message"))

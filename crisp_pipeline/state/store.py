@@ -22,6 +22,7 @@ that opens a DuckDB connection.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -33,7 +34,11 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 SNAPSHOT_KEYS = {"identifier": pl.String, "people_id": pl.String, "email": pl.String,
-                 "confirmed_at": pl.Datetime("us", "UTC")}
+                 "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String}
+# `origin`: `created` (this activation created the person in Crisp) or `adopted` (they were
+# in Crisp before it found them). A text that is not JSON, so it never equals a confirmed value:
+# the field was added to the configuration and must be written, a null as a clear.
+UNCONFIRMED = "?"
 CHANGE_SET_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "email": pl.String, "people_id": pl.String,
     "op": pl.String, "reason": pl.String, "message": pl.String, "changed": pl.List(pl.String),
@@ -41,17 +46,25 @@ CHANGE_SET_SCHEMA = {
 }
 RUN_SCHEMA = {
     "run_id": pl.String, "change_set_run_id": pl.String, "activation": pl.String,
-    "mode": pl.String, "dry_run": pl.Boolean, "override_guards": pl.Boolean,
+    "website_id": pl.String, "mode": pl.String, "dry_run": pl.Boolean,
+    "override_guards": pl.Boolean,
     "finished_at": pl.Datetime("us", "UTC"), "planned_create": pl.Int64,
-    "planned_update": pl.Int64, "planned_delete": pl.Int64, "people_ok": pl.Int64,
-    "people_rejected": pl.Int64, "people_deferred": pl.Int64, "requests_sent": pl.Int64,
-    "write_requests": pl.Int64, "deferred_because": pl.String, "stopped": pl.String,
+    "planned_update": pl.Int64, "planned_delete": pl.Int64, "planned_release": pl.Int64,
+    "people_ok": pl.Int64, "people_rejected": pl.Int64, "people_deferred": pl.Int64,
+    "requests_sent": pl.Int64, "write_requests": pl.Int64, "deferred_because": pl.String,
+    "stopped": pl.String, "unidentified_rows": pl.Int64, "held_departures": pl.Int64,
 }
 OUTCOME_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "people_id": pl.String, "op": pl.String,
     "step": pl.String, "status": pl.String, "reason": pl.String, "message": pl.String,
     "unit": pl.Int64, "requests": pl.Int64, "at": pl.Datetime("us", "UTC"),
 }
+DELETION_SCHEMA = {"run_id": pl.String, "website_id": pl.String, "identifier": pl.String,
+                   "people_id": pl.String, "email": pl.String, "action": pl.String,
+                   "reason": pl.String, "deleted_at": pl.Datetime("us", "UTC"),
+                   "last_values": pl.String}
+ABSENCE_SCHEMA = {"website_id": pl.String, "identifier": pl.String,
+                  "first_absent_at": pl.Datetime("us", "UTC"), "runs": pl.Int64}
 
 
 class StateUnavailable(RuntimeError):
@@ -99,14 +112,19 @@ def now() -> datetime:
 
 
 class StateStore:
-    def __init__(self, connect: Connect, schema: str) -> None:
+    """One activation's state. `website_id` is the Crisp website the activation writes to:
+    the snapshot is kept per website, so that a changed website never inherits the people
+    (and the beliefs) of another one."""
+
+    def __init__(self, connect: Connect, schema: str, website_id: str | None = None) -> None:
         self._connect = connect
         self.schema = schema
+        self.website_id = website_id
         self._catalog = ""
 
-    def table(self, name: str) -> str:
+    def table(self, name: str, schema: str | None = None) -> str:
         # fully qualified: a file named like the schema would make an ambiguous catalog
-        return f"{quote(self._catalog)}.{quote(self.schema)}.{quote(name)}"
+        return f"{quote(self._catalog)}.{quote(schema or self.schema)}.{quote(name)}"
 
     @contextlib.contextmanager
     def _session(self, writing: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -116,10 +134,26 @@ class StateStore:
                 connection.execute(f"create schema if not exists {quote(self.schema)}")
             yield connection
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._session() as connection:
+            connection.execute("begin")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("rollback")
+                raise
+            connection.execute("commit")
+
     def _exists(self, connection: duckdb.DuckDBPyConnection, name: str) -> bool:
         return connection.execute(
             "select count(*) from information_schema.tables where table_schema = ? "
             "and table_name = ?", [self.schema, name]).fetchone()[0] > 0
+
+    def _columns(self, connection: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+        return [row[0] for row in connection.execute(
+            "select column_name from information_schema.columns where table_schema = ? and "
+            "table_name = ? order by ordinal_position", [self.schema, name]).fetchall()]
 
     def _replace(self, connection: duckdb.DuckDBPyConnection, name: str,
                  frame: pl.DataFrame) -> None:
@@ -130,8 +164,18 @@ class StateStore:
 
     def _append(self, connection: duckdb.DuckDBPyConnection, name: str,
                 frame: pl.DataFrame) -> None:
+        """Append by column name; columns a table made by an earlier version lacks are added
+        (a state file outlives the code that wrote it)."""
         connection.register("frame_to_store", frame.to_arrow())
         if self._exists(connection, name):
+            have = set(self._columns(connection, name))
+            for column in frame.columns:
+                if column not in have:
+                    sql_type = connection.execute(
+                        f"select typeof({quote(column)}) from frame_to_store limit 1").fetchone()
+                    dtype = sql_type[0] if sql_type else "VARCHAR"
+                    connection.execute(f"alter table {self.table(name)} add column "
+                                       f"{quote(column)} {dtype}")
             connection.execute(f"insert into {self.table(name)} by name "
                                "select * from frame_to_store")
         else:
@@ -144,15 +188,20 @@ class StateStore:
             return pl.DataFrame(schema=schema or {})
         return connection.sql(f"select * from {self.table(name)}").pl()
 
+    def _website(self) -> str:
+        if not self.website_id:
+            raise ValueError("this state store was opened without a website (CRISP_WEBSITE_ID)")
+        return self.website_id
+
     # ---------------------------------------------------------------- segment
 
-    def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame, run_id: str) -> None:
-        with self._session() as connection:
-            connection.execute("begin")
+    def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame,
+                      unidentified: pl.DataFrame, run_id: str) -> None:
+        with self._transaction() as connection:
             self._replace(connection, "segment", accepted)
             self._replace(connection, "rejected",
                           rejected.with_columns(pl.lit(run_id).alias("run_id")))
-            connection.execute("commit")
+            self._replace(connection, "unidentified", unidentified)
 
     def read_segment(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(accepted, rejected) as the last `segment` materialization left them."""
@@ -163,19 +212,50 @@ class StateStore:
 
     def _ensure_snapshot(self, connection: duckdb.DuckDBPyConnection,
                          fields: list[str]) -> None:
+        """The snapshot table, with identity enforced by the database: per website, one row
+        per identifier and one identifier per Crisp person."""
+        snapshot = self.table("snapshot")
+        if self._exists(connection, "snapshot") and \
+                "website_id" not in self._columns(connection, "snapshot"):
+            self._migrate_snapshot(connection)
         connection.execute(
-            f"create table if not exists {self.table('snapshot')} (identifier varchar primary "
-            "key, people_id varchar, email varchar, confirmed_at timestamptz)")
+            f"create table if not exists {snapshot} (website_id varchar not null, "
+            "identifier varchar not null, people_id varchar not null, email varchar, "
+            "confirmed_at timestamptz, origin varchar, "
+            "primary key (website_id, identifier), unique (website_id, people_id))")
+        have = set(self._columns(connection, "snapshot"))
         for field in fields:
-            connection.execute(f"alter table {self.table('snapshot')} add column if not exists "
-                               f"{quote(field)} varchar")
+            if field not in have:
+                connection.execute(f"alter table {snapshot} add column {quote(field)} varchar")
+
+    def _migrate_snapshot(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """A snapshot written before it was kept per website: it belonged to the website the
+        activation uses now. People it held twice (two identifiers, one Crisp person) are
+        kept once; their origin is unknown, so they count as adopted (never deleted unless
+        the mirror allows deleting adopted people)."""
+        old = self.table("snapshot_before_websites")
+        connection.execute(f"alter table {self.table('snapshot')} rename to "
+                           "snapshot_before_websites")
+        fields = [c for c in self._columns(connection, "snapshot_before_websites")
+                  if c not in ("identifier", "people_id", "email", "confirmed_at")]
+        self._ensure_snapshot(connection, fields)
+        listed = ", ".join(quote(c) for c in ["identifier", "people_id", "email",
+                                              "confirmed_at", *fields])
+        connection.execute(
+            f"insert into {self.table('snapshot')} (website_id, origin, {listed}) "
+            f"select ?, 'adopted', {listed} from {old} where people_id is not null "
+            "qualify row_number() over (partition by people_id order by identifier) = 1",
+            [self._website()])
+        connection.execute(f"drop table {old}")
 
     def read_snapshot(self, fields: list[str]) -> pl.DataFrame:
-        """Managed people with the JSON text of every field in `fields` (NULL: unknown)."""
+        """Managed people of this website with the JSON text of every field in `fields`
+        (NULL: unknown, UNCONFIRMED: to be written)."""
         with self._session() as connection:
             self._ensure_snapshot(connection, fields)
             columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
-            frame = connection.sql(f"select {columns} from {self.table('snapshot')}").pl()
+            frame = connection.execute(f"select {columns} from {self.table('snapshot')} "
+                                       "where website_id = ?", [self._website()]).pl()
         return frame.cast({**SNAPSHOT_KEYS, **{field: pl.String for field in fields}})
 
     def _confirm(self, connection: duckdb.DuckDBPyConnection, confirmed: pl.DataFrame,
@@ -188,28 +268,152 @@ class StateStore:
         connection.register("confirmed_rows", confirmed.select(columns).to_arrow())
         updates = ", ".join(f"{quote(c)} = coalesce(excluded.{quote(c)}, "
                             f"{self.table('snapshot')}.{quote(c)})"
-                            for c in columns if c != "identifier")
+                            for c in columns if c not in ("identifier", "origin"))
         listed = ", ".join(quote(c) for c in columns)
-        connection.execute(f"insert into {self.table('snapshot')} ({listed}) select {listed} "
-                           f"from confirmed_rows on conflict (identifier) do update set {updates}")
+        connection.execute(
+            f"insert into {self.table('snapshot')} (website_id, {listed}) select ?, {listed} "
+            "from confirmed_rows on conflict (website_id, identifier) do update set "
+            f"{updates}", [self._website()])
         connection.unregister("confirmed_rows")
 
     def confirm(self, confirmed: pl.DataFrame, fields: list[str]) -> None:
-        with self._session() as connection:
-            connection.execute("begin")
+        with self._transaction() as connection:
             self._confirm(connection, confirmed, fields)
-            connection.execute("commit")
+
+    def _forget(self, connection: duckdb.DuckDBPyConnection, identifiers: list[str]) -> None:
+        if not identifiers or not self._exists(connection, "snapshot"):
+            return
+        connection.register("forgotten", pl.DataFrame(
+            {"identifier": identifiers}, schema={"identifier": pl.String}).to_arrow())
+        connection.execute(f"delete from {self.table('snapshot')} where website_id = ? and "
+                           "identifier in (select identifier from forgotten)",
+                           [self._website()])
+        connection.unregister("forgotten")
+
+    def rekey(self, moves: pl.DataFrame) -> int:
+        """Give managed people new identifiers (`old_identifier` -> `new_identifier`), keeping
+        their people_id and everything confirmed: an identifier that changed is still the
+        same person, who must be neither deleted nor created again."""
+        if moves.is_empty():
+            return 0
+        with self._transaction() as connection:
+            self._ensure_snapshot(connection, [])
+            connection.register("moves", moves.select("old_identifier", "new_identifier")
+                                .to_arrow())
+            connection.execute(
+                f"update {self.table('snapshot')} as s set identifier = m.new_identifier "
+                "from moves as m where s.website_id = ? and s.identifier = m.old_identifier",
+                [self._website()])
+            connection.unregister("moves")
+        return moves.height
+
+    def mark_unconfirmed(self, fields: list[str]) -> None:
+        """Fields the configuration gained: every managed person's value is written once
+        from the source (a null clearing what Crisp holds), on every website's snapshot."""
+        if not fields:
+            return
+        with self._transaction() as connection:
+            self._ensure_snapshot(connection, fields)
+            sets = ", ".join(f"{quote(field)} = '{UNCONFIRMED}'" for field in fields)
+            connection.execute(f"update {self.table('snapshot')} set {sets}")
+
+    def holders_elsewhere(self, people_ids: list[str]) -> set[str]:
+        """The people among `people_ids` that another activation's snapshot holds on this
+        website: a mirror must release them, never delete them."""
+        if not people_ids:
+            return set()
+        held: set[str] = set()
+        with self._session(writing=False) as connection:
+            schemas = [row[0] for row in connection.execute(
+                "select t.table_schema from information_schema.tables t join "
+                "information_schema.columns c on c.table_schema = t.table_schema and "
+                "c.table_name = t.table_name where t.table_name = 'snapshot' and "
+                "c.column_name = 'website_id' and t.table_schema <> ?",
+                [self.schema]).fetchall()]
+            if not schemas:
+                return held
+            connection.register("candidates", pl.DataFrame(
+                {"people_id": people_ids}, schema={"people_id": pl.String}).to_arrow())
+            for schema in schemas:
+                held.update(row[0] for row in connection.execute(
+                    f"select people_id from {self.table('snapshot', schema)} where "
+                    "website_id = ? and people_id in (select people_id from candidates)",
+                    [self._website()]).fetchall())
+            connection.unregister("candidates")
+        return held
+
+    # ---------------------------------------------------------------- configuration
+
+    def stored_configuration(self) -> dict | None:
+        """The configuration the state was last kept for (None: never recorded)."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "configuration"):
+                return None
+            row = connection.execute(f"select configuration from {self.table('configuration')} "
+                                     "order by recorded_at desc limit 1").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_configuration(self, configuration: dict, changes: list[str], run_id: str) -> None:
+        with self._transaction() as connection:
+            self._append(connection, "configuration", pl.DataFrame([{
+                "run_id": run_id, "recorded_at": now(),
+                "configuration": json.dumps(configuration, sort_keys=True),
+                "changes": changes}], schema={
+                "run_id": pl.String, "recorded_at": pl.Datetime("us", "UTC"),
+                "configuration": pl.String, "changes": pl.List(pl.String)}))
+
+    # ---------------------------------------------------------------- departures
+
+    def read_absences(self) -> pl.DataFrame:
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "absences"):
+                return pl.DataFrame(schema=ABSENCE_SCHEMA)
+            return connection.execute(f"select * from {self.table('absences')} where "
+                                      "website_id = ?", [self._website()]).pl().cast(
+                                          ABSENCE_SCHEMA)
+
+    def write_absences(self, absences: pl.DataFrame) -> None:
+        """This website's absent people, as of this run (replacing the previous list)."""
+        with self._transaction() as connection:
+            if self._exists(connection, "absences"):
+                connection.execute(f"delete from {self.table('absences')} where website_id = ?",
+                                   [self._website()])
+            self._append(connection, "absences", absences.cast(ABSENCE_SCHEMA))
+
+    def unidentified_baseline(self) -> int | None:
+        """How many source rows named nobody at the last sync that held no departure (None:
+        no such sync yet). More than that now is new ambiguity."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "runs") or \
+                    "unidentified_rows" not in self._columns(connection, "runs"):
+                return None
+            row = connection.execute(
+                f"select unidentified_rows from {self.table('runs')} where not dry_run and "
+                "stopped is null and coalesce(held_departures, 0) = 0 and website_id = ? "
+                "and unidentified_rows is not null order by finished_at desc limit 1",
+                [self._website()]).fetchone()
+        return int(row[0]) if row else None
+
+    def deleted_since(self, since: datetime) -> int:
+        """People this activation deleted from this website since `since` (rolling guard)."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "deletions"):
+                return 0
+            columns = self._columns(connection, "deletions")
+            action = "coalesce(action, 'deleted') = 'deleted'" if "action" in columns else "true"
+            website = "website_id = ?" if "website_id" in columns else "? is not null"
+            return int(connection.execute(
+                f"select count(*) from {self.table('deletions')} where deleted_at >= ? and "
+                f"{action} and {website}", [since, self._website()]).fetchone()[0])
 
     # ---------------------------------------------------------------- change sets
 
     def write_change_set(self, change_set: pl.DataFrame, run_id: str) -> None:
         frame = change_set.with_columns(pl.lit(run_id).alias("run_id"),
                                         pl.lit(now()).alias("computed_at"))
-        with self._session() as connection:
-            connection.execute("begin")
+        with self._transaction() as connection:
             self._replace(connection, "change_set", frame)
             self._append(connection, "change_set_history", frame)
-            connection.execute("commit")
 
     def read_change_set(self) -> pl.DataFrame:
         with self._session(writing=False) as connection:
@@ -219,22 +423,15 @@ class StateStore:
 
     def record_batch(self, outcomes: pl.DataFrame, confirmed: pl.DataFrame,
                      forgotten: list[str], deletions: pl.DataFrame, fields: list[str]) -> None:
-        """One transaction per batch: outcomes, confirmed values, people Crisp no longer has,
-        and the deletion audit."""
-        with self._session() as connection:
-            connection.execute("begin")
-            self._append(connection, "outcomes", outcomes)
+        """One transaction per batch: outcomes, confirmed values, people no longer managed
+        (deleted, released, or gone from Crisp), and the deletion audit."""
+        with self._transaction() as connection:
+            if not outcomes.is_empty():
+                self._append(connection, "outcomes", outcomes)
             self._confirm(connection, confirmed, fields)
-            if forgotten:
-                self._ensure_snapshot(connection, fields)
-                connection.register("forgotten", pl.DataFrame(
-                    {"identifier": forgotten}, schema={"identifier": pl.String}).to_arrow())
-                connection.execute(f"delete from {self.table('snapshot')} where identifier in "
-                                   "(select identifier from forgotten)")
-                connection.unregister("forgotten")
+            self._forget(connection, forgotten)
             if not deletions.is_empty():
                 self._append(connection, "deletions", deletions)
-            connection.execute("commit")
 
     def record_run(self, run: dict[str, object]) -> None:
         with self._session() as connection:
@@ -251,19 +448,25 @@ class StateStore:
 
     def count(self, name: str, what: str = "count(*)", where: str = "true") -> int:
         """An aggregate over one of this activation's tables, 0 when the table does not
-        exist yet (so that guards and metadata never load a whole table to count it)."""
+        exist yet (so that guards and metadata never load a whole table to count it). The
+        snapshot is counted for this website only."""
         with self._session(writing=False) as connection:
             if not self._exists(connection, name):
                 return 0
+            params: list[object] = []
+            if name == "snapshot" and "website_id" in self._columns(connection, name):
+                where, params = f"({where}) and website_id = ?", [self._website()]
             return int(connection.execute(
-                f"select {what} from {self.table(name)} where {where}").fetchone()[0] or 0)
+                f"select {what} from {self.table(name)} where {where}", params).fetchone()[0]
+                or 0)
 
-    def snapshot_identifiers(self) -> pl.DataFrame:
-        """The identifiers of the managed people, without their values."""
-        with self._session(writing=False) as connection:
-            if not self._exists(connection, "snapshot"):
-                return pl.DataFrame(schema={"identifier": pl.String})
-            return connection.sql(f"select identifier from {self.table('snapshot')}").pl()
+    def snapshot_keys(self) -> pl.DataFrame:
+        """The identifier, people_id and email of this website's managed people."""
+        with self._session() as connection:
+            self._ensure_snapshot(connection, [])
+            return connection.execute(
+                f"select identifier, people_id, email from {self.table('snapshot')} "
+                "where website_id = ?", [self._website()]).pl()
 
     def read(self, name: str) -> pl.DataFrame:
         """Any table of this activation (for the CLI, the demo and tests)."""

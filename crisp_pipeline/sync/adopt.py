@@ -27,6 +27,7 @@ class Adopted:
     people_id: str
     email: str
     held: dict[str, str]
+    created_at_ms: float | None = None  # when Crisp created the profile
 
 
 @dataclass
@@ -80,8 +81,10 @@ async def adopt_by_email(client: CrispClient, people: list[tuple[str, str]],
             data = await client.get_data(profile["people_id"]) if wants_data else None
         except RetryLater as error:
             return error
+        created_at = profile.get("created_at")
         return Adopted(identifier, profile["people_id"], str(profile.get("email", email)),
-                       held_values(profile, data, fields))
+                       held_values(profile, data, fields),
+                       float(created_at) if isinstance(created_at, int | float) else None)
 
     results = await asyncio.gather(*(adopt(i, e) for i, e in people))
     return AdoptionResult(adopted=[r for r in results if isinstance(r, Adopted)],

@@ -68,6 +68,7 @@ class Person:
     old_values: str | None
     status: str = "ok"
     confirmed: dict[str, str] = field(default_factory=dict)  # field -> JSON text
+    origin: str | None = None  # a create: `created`, or `adopted` when Crisp already had them
 
     def settle(self, status: str) -> None:
         if STATUS_RANK[status] > STATUS_RANK[self.status]:
@@ -107,7 +108,9 @@ class SyncEngine:
     def __init__(self, client: CrispClient, fields: list[str], *,
                  order: tuple[str, ...] = PHASES, batch_size: int = contract.MAX_BATCH_PROFILES,
                  chunk: int = 200, max_consecutive_failures: int = 25,
-                 progress: Callable[[int, int, float], None] | None = None) -> None:
+                 progress: Callable[[int, int, float], None] | None = None,
+                 planned_at_ms: float | None = None,
+                 managed_people_ids: set[str] | frozenset[str] = frozenset()) -> None:
         self.client = client
         self.fields = fields
         self.order = order
@@ -115,6 +118,8 @@ class SyncEngine:
         self.chunk = chunk
         self.max_consecutive_failures = max_consecutive_failures
         self.progress = progress
+        self.planned_at_ms = planned_at_ms
+        self.managed_people_ids = managed_people_ids
         self._summary = SyncSummary()
         self._unit_ids = 0
         self._failures_in_a_row = 0
@@ -124,8 +129,10 @@ class SyncEngine:
 
     # ---------------------------------------------------------------- the run
 
-    async def apply(self, rows: list[dict[str, Any]],
-                    on_batch: Callable[[Batch], None]) -> SyncSummary:
+    async def apply(self, rows: list[dict[str, Any]], on_batch: Callable[[Batch], None],
+                    summary: SyncSummary | None = None) -> SyncSummary:
+        if summary is not None:
+            self._summary = summary
         self._started = time.monotonic()
         people = [Person(r["identifier"], r["op"], r.get("email"), r.get("people_id"),
                          json.loads(r["new_values"]) if r.get("new_values") else {},
@@ -256,6 +263,7 @@ class SyncEngine:
         async def send() -> None:
             try:
                 person.people_id = await self.client.create_profile(body)
+                person.origin = "created"
                 # a new person holds nothing but what we send: every unsent field is empty,
                 # except the nickname Crisp requires, which may be a stand-in (left unknown)
                 person.confirmed.update({f: JSON_NULL for f in fields
@@ -268,11 +276,25 @@ class SyncEngine:
                 existing = await self.client.get_profile(person.email)
                 if existing is None:
                     raise
+                if existing["people_id"] in self.managed_people_ids:
+                    raise RowRejected(
+                        error.method, error.path, error.status, Reason.PEOPLE_EXISTS,
+                        "the email is a person's this activation already manages under "
+                        "another identifier") from None
                 person.people_id = existing["people_id"]
+                person.origin = self._origin(existing.get("created_at"))
                 patch = {k: v for k, v in body.items() if k != "email"}
                 if sent:
                     await self.client.update_profile(person.people_id, patch)
         return Unit("create", [person], send, self._confirm([person], sent))
+
+    def _origin(self, created_at: Any) -> str:
+        """Crisp created them after we planned to create them: our create (its answer lost);
+        before: they were already there, adopted."""
+        if (isinstance(created_at, int | float) and self.planned_at_ms is not None
+                and created_at >= self.planned_at_ms):
+            return "created"
+        return "adopted"
 
     def _data_units(self, people: list[Person]) -> list[Unit]:
         """One unit per distinct data change: batched when people share it."""

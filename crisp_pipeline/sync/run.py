@@ -1,5 +1,5 @@
-"""The two steps of an activation that talk to Crisp, without Dagster: adopting people Crisp
-already has into the snapshot, and applying the change set. The Dagster assets call these."""
+"""Applying a run's change set to Crisp, without Dagster: releases are settled in the state,
+the rest goes through the sync engine, and the run is recorded."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.changes.guards import GuardVerdict
-from crisp_pipeline.crisp import CrispClient, CrispSettings
+from crisp_pipeline.crisp import CrispSettings
 from crisp_pipeline.crisp.pacing import RequestStats
-from crisp_pipeline.state.budget import StoredBudget
 from crisp_pipeline.state.store import Connect, StateStore, now
 
-from .adopt import adopt_by_email
+from .client import ClientOptions, open_client
 from .engine import Batch, SyncEngine, SyncSummary
-from .recording import outcome_frames
+from .recording import outcome_frames, release_frames
 
 log = logging.getLogger(__name__)
 WORK_OPS = ("create", "update", "delete")
@@ -30,57 +29,8 @@ class GuardRefusal(RuntimeError):
     """Mirror's guards failed; nothing was sent."""
 
 
-@dataclass
-class ClientOptions:
-    max_in_flight: int = 16
-    requests_per_second: float | None = None
-
-
-def open_client(settings: CrispSettings, options: ClientOptions, connect: Connect) -> CrispClient:
-    """A client paying every request from the token's stored daily budget."""
-    budget = (StoredBudget(connect, settings.token_identifier, settings.daily_quota)
-              if settings.daily_quota else None)
-    return CrispClient(settings, max_in_flight=options.max_in_flight,
-                       requests_per_second=options.requests_per_second, budget=budget)
-
-
-@dataclass
-class AdoptionReport:
-    looked_up: int = 0
-    adopted: int = 0
-    unanswered: int = 0
-    method: str = "none"
-    stats: RequestStats = field(default_factory=RequestStats)
-
-
-def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.DataFrame,
-                     settings_factory: Callable[[], CrispSettings], options: ClientOptions,
-                     connect: Connect) -> AdoptionReport:
-    """Look up, by email, the segment's people the snapshot does not know yet."""
-    fields = list(config.managed_columns)
-    new = accepted.join(store.snapshot_identifiers(), on="identifier", how="anti")
-    report = AdoptionReport(looked_up=new.height)
-    if new.is_empty():
-        return report
-
-    async def look_up():
-        async with open_client(settings_factory(), options, connect) as client:
-            try:
-                return await adopt_by_email(client, new.select("identifier", "email").rows(),
-                                            fields)
-            finally:
-                report.stats = client.stats
-    result = asyncio.run(look_up())
-    report.adopted, report.unanswered, report.method = (len(result.adopted), result.unanswered,
-                                                        result.method)
-    if result.adopted:
-        confirmed = pl.DataFrame(
-            [{"identifier": a.identifier, "people_id": a.people_id, "email": a.email,
-              "confirmed_at": now(), **a.held} for a in result.adopted],
-            schema={"identifier": pl.String, "people_id": pl.String, "email": pl.String,
-                    "confirmed_at": pl.Datetime("us", "UTC"), **{f: pl.String for f in fields}})
-        store.confirm(confirmed, fields)
-    return report
+class StaleChangeSet(RuntimeError):
+    """The stored change set was computed by another run; a sync applies only its own."""
 
 
 @dataclass
@@ -120,43 +70,69 @@ class SyncReport:
         }
 
 
+def change_set_run_id(store: StateStore) -> str | None:
+    """The run that computed the stored change set."""
+    change_set = store.read_change_set()
+    return change_set.get_column("run_id")[0] if change_set.height else None
+
+
 def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                      settings_factory: Callable[[], CrispSettings], options: ClientOptions,
                      connect: Connect, *, dry_run: bool, verdict: GuardVerdict,
-                     override_guards: bool, progress=None) -> SyncReport:
-    """Send the latest change set to Crisp and record what Crisp confirmed.
+                     override_guards: bool, progress=None,
+                     heartbeat: Callable[[], None] = lambda: None) -> SyncReport:
+    """Send this run's change set to Crisp and record what Crisp confirmed.
 
-    Raises `GuardRefusal` when mirror's guards fail and the run does not override them, and
-    `StopRun` (after committing the finished work) when Crisp refuses the credentials.
+    Raises `StaleChangeSet` when the stored change set is another run's, `GuardRefusal` when
+    mirror's guards fail and the run does not override them, and `StopRun` (after committing
+    the finished work) when Crisp refuses the credentials.
     """
     change_set = store.read_change_set()
-    change_set_run_id = change_set.get_column("run_id")[0] if change_set.height else None
-    work = change_set.filter(pl.col("op").is_in(WORK_OPS))
-    planned = {op: work.filter(pl.col("op") == op).height for op in WORK_OPS}
-    report = SyncReport(change_set_run_id, dry_run, planned)
+    computed_by = change_set.get_column("run_id")[0] if change_set.height else None
+    if computed_by is not None and computed_by != run_id:
+        raise StaleChangeSet(f"the stored change set was computed by run {computed_by}, not "
+                             f"by this run ({run_id}); a sync applies only its own run's")
     if not verdict.passed and not override_guards:
         raise GuardRefusal(verdict.describe())
-    if change_set_run_id and change_set_run_id in store.applied_run_ids():
-        log.info("change set of run %s was already applied; nothing to send", change_set_run_id)
+    work = change_set.filter(pl.col("op").is_in([*WORK_OPS, "release"]))
+    planned = {op: work.filter(pl.col("op") == op).height for op in (*WORK_OPS, "release")}
+    report = SyncReport(computed_by, dry_run, planned)
+    if computed_by and computed_by in store.applied_run_ids():
+        log.info("change set of run %s was already applied; nothing to send", computed_by)
         work = work.clear()
+    fields = list(config.managed_columns)
     if not dry_run and not work.is_empty():
-        fields = list(config.managed_columns)
+        work = _release_people_held_elsewhere(store, work)
+        releases = work.filter(pl.col("op") == "release")
+        if releases.height:
+            store.record_batch(*release_frames(releases, run_id, store.website_id or ""),
+                               fields=fields)
+            report.summary.people.update({("release", "ok"): releases.height})
+        work = work.filter(pl.col("op") != "release")
+        computed_at = change_set.get_column("computed_at")[0]
+        managed = set(store.snapshot_keys().get_column("people_id").to_list())
 
         def record(batch: Batch) -> None:
-            store.record_batch(*outcome_frames(batch, run_id, fields), fields=fields)
+            store.record_batch(*outcome_frames(batch, run_id, fields, store.website_id or ""),
+                               fields=fields)
+            heartbeat()
 
         async def send() -> SyncSummary:
             async with open_client(settings_factory(), options, connect) as client:
                 try:
                     engine = SyncEngine(client, fields, order=config.order,
-                                        batch_size=config.batch_size, progress=progress)
-                    return await engine.apply(work.to_dicts(), record)
+                                        batch_size=config.batch_size, progress=progress,
+                                        planned_at_ms=computed_at.timestamp() * 1000,
+                                        managed_people_ids=managed)
+                    return await engine.apply(work.to_dicts(), record, report.summary)
                 finally:
                     report.stats = client.stats
-        report.summary = asyncio.run(send())
+        if not work.is_empty():
+            report.summary = asyncio.run(send())
     store.record_run({
-        "run_id": run_id, "change_set_run_id": change_set_run_id, "activation": config.name,
-        "mode": config.mode.value, "dry_run": dry_run, "override_guards": override_guards,
+        "run_id": run_id, "change_set_run_id": computed_by, "activation": config.name,
+        "website_id": store.website_id, "mode": config.mode.value, "dry_run": dry_run,
+        "override_guards": override_guards,
         "finished_at": now(), **{f"planned_{op}": n for op, n in planned.items()},
         "people_ok": report.summary.count("ok"),
         "people_rejected": report.summary.count("rejected"),
@@ -164,7 +140,23 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         "requests_sent": report.stats.sent, "write_requests": report.stats.writes(),
         "deferred_because": report.deferred_reason,
         "stopped": str(report.summary.stopped) if report.summary.stopped else None,
+        "unidentified_rows": store.count("unidentified"),
+        "held_departures": change_set.filter(pl.col("reason") == "departure_held").height,
     })
     if report.summary.stopped is not None:
         raise report.summary.stopped
     return report
+
+
+def _release_people_held_elsewhere(store: StateStore, work: pl.DataFrame) -> pl.DataFrame:
+    """Just before deleting: a person another activation on this website took on since the
+    change set was computed is released instead."""
+    deletes = work.filter(pl.col("op") == "delete").get_column("people_id").to_list()
+    held = store.holders_elsewhere(deletes)
+    if not held:
+        return work
+    return work.with_columns(
+        pl.when(pl.col("op").eq("delete") & pl.col("people_id").is_in(list(held)))
+        .then(pl.lit("release")).otherwise(pl.col("op")).alias("op"),
+        pl.when(pl.col("op").eq("delete") & pl.col("people_id").is_in(list(held)))
+        .then(pl.lit("held_by_other_activation")).otherwise(pl.col("reason")).alias("reason"))

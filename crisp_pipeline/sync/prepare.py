@@ -1,0 +1,228 @@
+"""The steps before a sync, without Dagster: read and normalise the segment, bring the state in
+line with the configuration and the source (configuration changes, re-keyed people, adoption),
+and plan the change set. The Dagster assets call these one per asset; `crisp_sync` calls them
+all when it must recompute a change set of its own (a re-execution from failure)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import polars as pl
+
+from crisp_pipeline.activation import ActivationConfig, Mode
+from crisp_pipeline.changes.departures import DepartureContext
+from crisp_pipeline.changes.diff import PlannedChanges, plan_changes
+from crisp_pipeline.changes.guards import GuardVerdict, evaluate_guards
+from crisp_pipeline.changes.normalize import NormalizedSegment, normalize_segment
+from crisp_pipeline.crisp import CrispSettings
+from crisp_pipeline.crisp.pacing import RequestStats
+from crisp_pipeline.state.store import Connect, StateStore, now
+from crisp_pipeline.warehouse import SegmentSource
+
+from .adopt import adopt_by_email
+from .client import ClientOptions, open_client
+
+
+def stage_segment(store: StateStore, config: ActivationConfig, source: SegmentSource,
+                  run_id: str) -> NormalizedSegment:
+    """Read the source, normalise it, and keep it as this run's segment."""
+    normalized = normalize_segment(source.read(), config)
+    store.write_segment(normalized.accepted, normalized.rejected, normalized.unidentified, run_id)
+    return normalized
+
+
+# ---------------------------------------------------------------- configuration changes
+
+
+def apply_configuration_changes(store: StateStore, config: ActivationConfig,
+                                run_id: str) -> list[str]:
+    """Compare the configuration with the one the state was kept for, turn every difference
+    into explicit work, record the new one, and say what changed (for metadata and logs)."""
+    current = config.identity(store.website_id)
+    stored = store.stored_configuration()
+    if stored is None:
+        store.record_configuration(current, [], run_id)
+        return []
+    changes = []
+    managed = store.count("snapshot")
+    if stored.get("website_id") != current["website_id"]:
+        changes.append(f"website changed from {stored.get('website_id')!r} to "
+                       f"{current['website_id']!r}: the snapshot of {stored.get('website_id')!r} "
+                       "is kept for it and never used here; the people of "
+                       f"{current['website_id']!r} are found by email or created")
+    if stored.get("identifier") != current["identifier"]:
+        changes.append(f"identifier changed from {stored.get('identifier')} to "
+                       f"{current['identifier']}: managed people are re-keyed through their "
+                       "people_id (matched by email); nobody is deleted or created again")
+    before, after = stored.get("fields", {}), current["fields"]
+    added = [f for f in after if f not in before]
+    removed = [f for f in before if f not in after]
+    if added:
+        store.mark_unconfirmed(added)
+        changes.append(f"field(s) added: {', '.join(added)}: written once for every managed "
+                       f"person ({managed} on this website) from the source, a null clearing "
+                       "what Crisp holds; identical data changes share batch requests")
+    if removed:
+        changes.append(f"field(s) removed: {', '.join(removed)}: no longer managed; Crisp keeps "
+                       "what it holds, nothing is cleared or sent")
+    if stored.get("mode") != current["mode"]:
+        changes.append(f"mode changed from {stored.get('mode')} to {current['mode']}: takes "
+                       "effect in this run, under the guards")
+    if changes:
+        store.record_configuration(current, changes, run_id)
+    return changes
+
+
+def rekey_moved_people(store: StateStore, accepted: pl.DataFrame, rejected: pl.DataFrame) -> int:
+    """A new identifier whose email is a managed person's, whose own identifier is no longer
+    in the source, is that person under a new identifier (the identifier configuration or
+    the person's external id changed): re-key them, never delete and re-create them."""
+    keys = store.snapshot_keys()
+    if keys.is_empty() or accepted.is_empty():
+        return 0
+    in_source = pl.concat([accepted.get_column("identifier"),
+                           rejected.get_column("identifier")]).drop_nulls()
+    free = (keys.filter(~pl.col("identifier").is_in(in_source.implode()))
+            .select(pl.col("identifier").alias("old_identifier"),
+                    pl.col("email").str.to_lowercase().alias("key")))
+    new = (accepted.filter(~pl.col("identifier").is_in(keys.get_column("identifier").implode()))
+           .select(pl.col("identifier").alias("new_identifier"),
+                   pl.col("email").str.to_lowercase().alias("key")))
+    moves = (free.join(new, on="key", how="inner")
+             .unique("old_identifier", keep="none").unique("new_identifier", keep="none"))
+    return store.rekey(moves)
+
+
+# ---------------------------------------------------------------- adoption
+
+
+@dataclass
+class AdoptionReport:
+    looked_up: int = 0
+    adopted: int = 0
+    unanswered: int = 0
+    conflicts: int = 0  # found in Crisp, but already managed here under another identifier
+    method: str = "none"
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.DataFrame,
+                     settings_factory: Callable[[], CrispSettings], options: ClientOptions,
+                     connect: Connect) -> AdoptionReport:
+    """Look up, by email, the segment's people the snapshot does not know yet.
+
+    A person found is *created* (by us) when our last change set planned to create them and
+    Crisp created them after that; otherwise *adopted* (they were in Crisp before us)."""
+    fields = list(config.managed_columns)
+    keys = store.snapshot_keys()
+    new = (accepted.join(keys.select("identifier"), on="identifier", how="anti")
+           .filter(~pl.col("email").str.to_lowercase().is_in(
+               keys.get_column("email").drop_nulls().str.to_lowercase().implode())))
+    report = AdoptionReport(looked_up=new.height)
+    if new.is_empty():
+        return report
+
+    async def look_up():
+        async with open_client(settings_factory(), options, connect) as client:
+            try:
+                return await adopt_by_email(client, new.select("identifier", "email").rows(),
+                                            fields)
+            finally:
+                report.stats = client.stats
+    result = asyncio.run(look_up())
+    managed_ids = set(keys.get_column("people_id").to_list())
+    adopted = [a for a in result.adopted if a.people_id not in managed_ids]
+    report.conflicts = len(result.adopted) - len(adopted)
+    report.adopted, report.unanswered, report.method = (len(adopted), result.unanswered,
+                                                        result.method)
+    if adopted:
+        planned = _planned_creates(store)
+        confirmed = pl.DataFrame(
+            [{"identifier": a.identifier, "people_id": a.people_id, "email": a.email,
+              "confirmed_at": now(), "origin": _origin(a.created_at_ms, planned.get(a.identifier)),
+              **a.held} for a in adopted],
+            schema={"identifier": pl.String, "people_id": pl.String, "email": pl.String,
+                    "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
+                    **{f: pl.String for f in fields}})
+        store.confirm(confirmed, fields)
+    return report
+
+
+def _planned_creates(store: StateStore) -> dict[str, float]:
+    """identifier -> when our latest change set planned to create them (epoch ms)."""
+    latest = store.read_change_set()
+    if latest.is_empty() or "computed_at" not in latest.columns:
+        return {}
+    creates = latest.filter(pl.col("op") == "create").select(
+        "identifier", pl.col("computed_at").dt.epoch("ms"))
+    return dict(creates.iter_rows())
+
+
+def _origin(created_at_ms: float | None, planned_at_ms: float | None) -> str:
+    if created_at_ms is not None and planned_at_ms is not None and created_at_ms >= planned_at_ms:
+        return "created"
+    return "adopted"
+
+
+# ---------------------------------------------------------------- the change set
+
+
+@dataclass(frozen=True)
+class Plan:
+    planned: PlannedChanges
+    verdict: GuardVerdict
+
+
+def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
+                    override_guards: bool, dry_run: bool) -> Plan:
+    """Diff the segment and the snapshot, decide mirror's departures, keep the change set."""
+    accepted, rejected = store.read_segment()
+    fields = list(config.managed_columns)
+    snapshot = store.read_snapshot(fields)
+    context = None
+    if config.mode == Mode.MIRROR:
+        departed_ids = _departed_people_ids(snapshot, accepted, rejected)
+        context = DepartureContext(
+            website_id=store.website_id or "", unidentified=_unidentified(store, fields),
+            baseline=store.unidentified_baseline(), absences=store.read_absences(),
+            held_elsewhere=frozenset(store.holders_elsewhere(departed_ids)),
+            override_guards=override_guards, now=now())
+    planned = plan_changes(accepted, rejected, snapshot, config, context)
+    store.write_change_set(planned.change_set, run_id)
+    if planned.absences is not None and not dry_run:
+        store.write_absences(planned.absences)
+    return Plan(planned, current_verdict(store, config))
+
+
+def _unidentified(store: StateStore, fields: list[str]) -> pl.DataFrame:
+    """The rows of the segment that name nobody, with the JSON text of each managed field
+    (a field the stored rows lack, after a configuration change, is unknown: null)."""
+    frame = store.read("unidentified")
+    schema = {"row_number": pl.Int64, **{f: pl.String for f in fields}}
+    if frame.is_empty():
+        return pl.DataFrame(schema=schema)
+    return frame.select("row_number", *[pl.col(f) if f in frame.columns else
+                                        pl.lit(None, pl.String).alias(f) for f in fields]
+                        ).cast(schema)
+
+
+def _departed_people_ids(snapshot: pl.DataFrame, accepted: pl.DataFrame,
+                         rejected: pl.DataFrame) -> list[str]:
+    """Managed people whose identifier is not in the source (a superset of the departed)."""
+    in_source = pl.concat([accepted.get_column("identifier"),
+                           rejected.get_column("identifier")]).drop_nulls().implode()
+    return snapshot.filter(~pl.col("identifier").is_in(in_source)).get_column(
+        "people_id").to_list()
+
+
+def current_verdict(store: StateStore, config: ActivationConfig) -> GuardVerdict:
+    """Mirror's guards from counts in the state store (no table is loaded)."""
+    source_rows = (store.count("segment")
+                   + store.count("rejected", what="count(distinct row_number)"))
+    window = config.guards.window_hours
+    deleted = store.deleted_since(now() - timedelta(hours=window)) if window else 0
+    return evaluate_guards(config, store.count("change_set", where="op = 'delete'"),
+                           store.count("snapshot"), source_rows, deleted)
