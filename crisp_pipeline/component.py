@@ -8,6 +8,7 @@ and `sync/`, which do not import Dagster.
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -416,7 +417,8 @@ def _schedule(config: ActivationConfig, job: Any) -> dg.ScheduleDefinition:
 
 def _source_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
     @dg.sensor(name=f"{config.name}_source_sensor", job=job, minimum_interval_seconds=60,
-               description=f"Syncs {config.name!r} when its watermark query's value changes.")
+               description=f"Syncs {config.name!r} when its watermark query's value changes "
+               "(to any value, including one seen before).")
     def source_sensor(context: dg.SensorEvaluationContext, crisp_db: DuckDBResource):
         try:
             watermark = DuckDBSource(_connector(crisp_db), config.segment, config.name).watermark()
@@ -424,16 +426,32 @@ def _source_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
             return dg.SkipReason(str(error))
         if watermark is None:
             return dg.SkipReason("the watermark query returned no value")
-        if watermark == context.cursor:
+        last, changes = _sensor_cursor(context.cursor)
+        if watermark == last:
             return dg.SkipReason(f"source unchanged (watermark {watermark})")
         running = context.instance.get_run_records(
             dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS), limit=1)
         if running:
             return dg.SkipReason("a run is in progress; the change will be seen next tick")
-        context.update_cursor(watermark)
-        return dg.RunRequest(run_key=f"{config.name}:{watermark}",
+        context.update_cursor(json.dumps({"watermark": watermark, "changes": changes + 1}))
+        # the key counts changes: a watermark back to an old value (its newest row deleted)
+        # is a change too, which a key made of the value alone would swallow
+        return dg.RunRequest(run_key=f"{config.name}:change-{changes + 1}",
                              tags={"crisp/trigger": "source_sensor", "crisp/watermark": watermark})
     return source_sensor
+
+
+def _sensor_cursor(cursor: str | None) -> tuple[str | None, int]:
+    """(last watermark, changes seen) from the sensor's cursor (a bare watermark: older)."""
+    if not cursor:
+        return None, 0
+    try:
+        state = json.loads(cursor)
+    except ValueError:
+        return cursor, 0
+    if not isinstance(state, dict):
+        return cursor, 0
+    return state.get("watermark"), int(state.get("changes", 0))
 
 
 # ---------------------------------------------------------------- the component

@@ -61,8 +61,8 @@ def test_the_source_sensor_requests_a_run_when_the_watermark_moves(emulator, tmp
 
     context = dg.build_sensor_context(instance=pipeline.instance, cursor=None, resources=resources)
     first = sensor.evaluate_tick(context)
-    assert len(first.run_requests) == 1 and first.cursor == "2024-01-01 00:00:00"
-    assert first.run_requests[0].run_key == "auto:2024-01-01 00:00:00"
+    assert len(first.run_requests) == 1
+    assert first.run_requests[0].tags["crisp/watermark"] == "2024-01-01 00:00:00"
 
     context = dg.build_sensor_context(instance=pipeline.instance, cursor=first.cursor,
                                       resources=resources)
@@ -72,10 +72,21 @@ def test_the_source_sensor_requests_a_run_when_the_watermark_moves(emulator, tmp
     pipeline.load([{"email": "w@x.io", "plan": "team", "updated_at": datetime(2024, 1, 2)}])
     moved = sensor.evaluate_tick(dg.build_sensor_context(
         instance=pipeline.instance, cursor=first.cursor, resources=resources))
-    assert len(moved.run_requests) == 1 and moved.cursor == "2024-01-02 00:00:00"
+    assert len(moved.run_requests) == 1
+    assert moved.run_requests[0].tags["crisp/watermark"] == "2024-01-02 00:00:00"
     result = pipeline.job.execute_in_process(instance=pipeline.instance,
                                              tags=moved.run_requests[0].tags)
     assert result.success and pipeline.crisp()["w@x.io"]["data"] == {"plan": "team"}
+
+    # the newest row is hard-deleted: the watermark goes back to a value seen before, and
+    # that is a change too (its run key must not repeat the first run's)
+    pipeline.load([{"email": "w@x.io", "plan": "pro", "updated_at": datetime(2024, 1, 1)}])
+    back = sensor.evaluate_tick(dg.build_sensor_context(
+        instance=pipeline.instance, cursor=moved.cursor, resources=resources))
+    assert len(back.run_requests) == 1
+    keys = {first.run_requests[0].run_key, moved.run_requests[0].run_key,
+            back.run_requests[0].run_key}
+    assert len(keys) == 3, keys
 
 
 def test_the_source_sensor_waits_while_a_run_is_in_progress(emulator, tmp_path, monkeypatch,
