@@ -170,3 +170,16 @@ def test_the_order_setting_decides_what_a_short_budget_spends_first(
             assert emails == {f"old{i}@x.io" for i in range(10)} | {f"new{i}@x.io"
                                                                    for i in range(5)}
         pipeline.assert_snapshot_matches_crisp()
+
+
+def test_a_daily_quota_of_zero_sends_nothing_and_defers_everything(
+        emulator, tmp_path, monkeypatch):
+    crisp_env(monkeypatch, emulator)
+    monkeypatch.setenv("CRISP_DAILY_QUOTA", "0")
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), ActivationConfig(
+        name="zero", segment={"table": "people"}, attributes=["plan"]))
+    pipeline.load([{"email": f"z{i}@x.io", "plan": "pro"} for i in range(5)])
+    result = pipeline.run()
+    assert emulator.emulator.requests() == []
+    sync = pipeline.metadata(result, "crisp_sync")
+    assert sync["people_deferred"] == 5 and sync["people_ok"] == 0

@@ -18,6 +18,6 @@ class ClientOptions:
 
 def open_client(settings: CrispSettings, options: ClientOptions, connect: Connect) -> CrispClient:
     budget = (StoredBudget(connect, settings.token_identifier, settings.daily_quota)
-              if settings.daily_quota else None)
+              if settings.daily_quota is not None else None)
     return CrispClient(settings, max_in_flight=options.max_in_flight,
                        requests_per_second=options.requests_per_second, budget=budget)
