@@ -162,3 +162,30 @@ def test_the_token_key_is_nowhere_after_a_sync_with_failures(
     assert sum(len(t) for t in texts) > 100_000  # the search covered real material
     assert not [t[:200] for t in texts if key in t]
     assert pipeline.store.read("outcomes").filter(pl.col("status") == "rejected").height > 0
+
+
+def test_a_run_stopped_by_crisp_counts_nobody_it_did_not_send_as_done(
+        emulator, tmp_path, monkeypatch):
+    """A 403 on the first phase (deletes) stops the run: the updates never sent are
+    deferred, not ok."""
+    crisp_env(monkeypatch, emulator)
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), ActivationConfig(
+        name="stopped", mode="mirror", segment={"table": "people"}, attributes=["plan"],
+        guards={"max_delete_fraction": 1.0}))
+    pipeline.load([{"email": f"s{i}@x.io", "plan": "pro"} for i in range(21)])
+    pipeline.run()
+    pipeline.load([{"email": f"s{i}@x.io", "plan": f"plan-{i}"} for i in range(20)])
+    emulator.emulator.set_faults(FaultPlan(forced=[ForcedAnswer(403, "not_allowed",
+                                                                method="DELETE")]))
+    mark = len(emulator.emulator.requests())
+    result = pipeline.run(expect_success=False)
+    assert "not_allowed" in pipeline.failure_text(result)
+    writes = [e for e in emulator.emulator.requests()[mark:]
+              if e.method == "PATCH" and e.status < 300]
+    last = pipeline.store.read("runs").sort("finished_at").to_dicts()[-1]
+    assert writes == [] and last["people_ok"] == 0, last
+    assert last["people_deferred"] == 21, last
+    emulator.emulator.set_faults(FaultPlan())
+    pipeline.run()
+    assert {e: p["data"]["plan"] for e, p in pipeline.crisp().items()} == {
+        f"s{i}@x.io": f"plan-{i}" for i in range(20)}

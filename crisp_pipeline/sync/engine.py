@@ -38,7 +38,8 @@ from crisp_pipeline.crisp.contract import Reason
 
 from .profiles import profile_body
 
-STATUS_RANK = {"ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
+# a person's status is the worst of their units'; `pending` until a unit of theirs is tried
+STATUS_RANK = {"pending": -1, "ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
 PHASES = ("delete", "update", "create")
 
 
@@ -66,7 +67,8 @@ class Person:
     values: dict[str, Any]
     data: dict[str, Any] | None
     old_values: str | None
-    status: str = "ok"
+    status: str = "pending"
+    open_units: int = 0  # units made for this person and not tried yet
     confirmed: dict[str, str] = field(default_factory=dict)  # field -> JSON text
     origin: str | None = None  # a create: `created`, or `adopted` when Crisp already had them
 
@@ -81,6 +83,10 @@ class Unit:
     people: list[Person]
     send: Callable[[], Awaitable[None]]
     confirms: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        for person in self.people:
+            person.open_units += 1
 
 
 @dataclass
@@ -154,6 +160,9 @@ class SyncEngine:
                     await self._run(self._data_units(created), on_batch)
         except StopRun as stop:
             self._summary.stopped = stop
+        for person in people:  # never tried (the run stopped first): deferred, not done
+            if person.open_units or person.status == "pending":
+                person.settle("deferred")
         self._summary.people.update((p.op, p.status) for p in people)
         self._summary.seconds = time.monotonic() - self._started
         return self._summary
@@ -220,6 +229,7 @@ class SyncEngine:
         requests = self.client.stats.sent - sent_before
         steps = []
         for person in unit.people:
+            person.open_units -= 1
             person.settle(status)
             steps.append(StepOutcome(person.identifier, person.op, unit.step, person.people_id,
                                      status, reason, message, unit_id, requests))
