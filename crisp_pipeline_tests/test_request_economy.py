@@ -9,6 +9,7 @@ from collections import Counter
 import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.emulator import FaultPlan
 from crisp_pipeline.state.budget import spent_today
 from crisp_pipeline.state.store import connect_file, now
 
@@ -183,3 +184,18 @@ def test_a_daily_quota_of_zero_sends_nothing_and_defers_everything(
     assert emulator.emulator.requests() == []
     sync = pipeline.metadata(result, "crisp_sync")
     assert sync["people_deferred"] == 5 and sync["people_ok"] == 0
+
+
+def test_each_outcome_counts_the_requests_its_own_unit_sent(emulator, tmp_path, monkeypatch):
+    """Units run concurrently; the requests recorded per unit add up to what Crisp received."""
+    crisp_env(monkeypatch, emulator)
+    emulator.emulator.set_faults(FaultPlan(latency_ms=20))
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), ActivationConfig(
+        name="counted", segment={"table": "people"}, attributes=["plan"]))
+    pipeline.load([{"email": f"c{i}@x.io", "plan": f"plan-{i}"} for i in range(32)])
+    pipeline.run()
+    writes = pipeline.writes_of_last_run()
+    outcomes = pipeline.store.read("outcomes")
+    per_unit = outcomes.group_by("unit").agg(pl.col("requests").first())
+    assert writes == 64 and per_unit.get_column("requests").sum() == writes
+    assert set(per_unit.get_column("requests")) == {1}

@@ -8,8 +8,11 @@ every run using the same token.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +55,22 @@ class InMemoryBudget:
         return max(self.quota - self.spent, 0)
 
 
+# The requests sent by the current asyncio task, when it counts them (`counting_requests`):
+# a client's figures are shared by every unit in flight, a unit's own count is not.
+_TASK_REQUESTS: ContextVar[list[int] | None] = ContextVar("crisp_task_requests", default=None)
+
+
+@contextlib.contextmanager
+def counting_requests() -> Iterator[list[int]]:
+    """Count the requests sent inside this block by this task (retries included)."""
+    counter = [0]
+    token = _TASK_REQUESTS.set(counter)
+    try:
+        yield counter
+    finally:
+        _TASK_REQUESTS.reset(token)
+
+
 @dataclass
 class RequestStats:
     """What a client sent: per route and status, retries, and time spent waiting to retry."""
@@ -67,6 +86,9 @@ class RequestStats:
 
     def record(self, route: str, status: int | str) -> None:
         self.by_route_status[(route, str(status))] += 1
+        counter = _TASK_REQUESTS.get()
+        if counter is not None:
+            counter[0] += 1
 
     def writes(self) -> int:
         """Requests sent with a writing method (for 'a run with no change sends no write')."""

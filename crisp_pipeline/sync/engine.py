@@ -35,6 +35,7 @@ from crisp_pipeline.changes.encode import JSON_NULL, encode_value
 from crisp_pipeline.crisp import BudgetExhausted, CrispClient, RetryLater, RowRejected, StopRun
 from crisp_pipeline.crisp import contract
 from crisp_pipeline.crisp.contract import Reason
+from crisp_pipeline.crisp.pacing import counting_requests
 
 from .profiles import profile_body
 
@@ -196,8 +197,9 @@ class SyncEngine:
 
     async def _attempt(self, unit: Unit) -> list[StepOutcome]:
         self._unit_ids += 1
-        unit_id, sent_before = self._unit_ids, self.client.stats.sent
+        unit_id = self._unit_ids
         status, reason, message = "ok", None, None
+        sent: list[int] = []
         if self._halted:
             status, reason = "deferred", ("stopped" if self._summary.stopped else
                                           "budget_exhausted" if self._summary.budget_exhausted
@@ -205,7 +207,8 @@ class SyncEngine:
             message = "not sent: the run stopped sending"
         else:
             try:
-                await unit.send()
+                with counting_requests() as sent:
+                    await unit.send()
                 unit.confirms()
                 self._failures_in_a_row = 0
                 self._summary.units[unit.step] += 1
@@ -226,7 +229,7 @@ class SyncEngine:
                 status = "gone" if gone else "rejected"
                 reason, message = error.reason, error.message or str(error)
                 self._failures_in_a_row = 0
-        requests = self.client.stats.sent - sent_before
+        requests = sent[0] if sent else 0
         steps = []
         for person in unit.people:
             person.open_units -= 1
