@@ -32,7 +32,7 @@ from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
     AdoptionReport, Plan, adopt_new_people, apply_configuration_changes, current_verdict,
     plan_change_set, rekey_moved_people, stage_segment)
-from crisp_pipeline.sync.run import GuardRefusal, apply_change_set, change_set_run_id
+from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
 
 DEFAULT_DB = "data/crisp_pipeline.duckdb"
@@ -106,19 +106,26 @@ def _store(db: DuckDBResource, config: ActivationConfig) -> StateStore:
     return StateStore(_connector(db), config.state_schema, config.resolved_website_id())
 
 
+STEPS = ("segment", "crisp_snapshot", "change_set", "crisp_sync")
+
+
+def _is_last_step(context: Any, config: ActivationConfig, step: str) -> bool:
+    """Whether `step` is the last of the activation's steps this run executes (a run may
+    select only some of them, or re-execute from a failed one)."""
+    planned = context.run.step_keys_to_execute
+    mine = [s for s in STEPS if planned is None or f"{config.name}__{s}" in planned]
+    return not mine or mine[-1] == step
+
+
 @contextlib.contextmanager
 def _holding_activation(context: Any, db: DuckDBResource, config: ActivationConfig,
-                        options: "CrispRunOptions", *, last_step: bool = False) -> Iterator[None]:
+                        options: "CrispRunOptions", step: str) -> Iterator[None]:
     """Hold the activation's lock in the state store for this run (see `state.locks`); give
     it back when the step fails (the run goes no further) or when the run's last step ends."""
     connect, run_id = _connector(db), context.run.run_id
-
-    def run_active(other: str) -> bool | None:
-        record = context.instance.get_run_by_id(other)
-        return None if record is None else record.status in IN_PROGRESS
     try:
         locks.acquire(connect, config.name, run_id, wait_seconds=options.lock_wait_seconds,
-                      run_active=run_active)
+                      run_active=_run_active(context))
     except locks.ActivationLocked as error:
         raise dg.Failure(description=str(error)) from None
     try:
@@ -126,8 +133,27 @@ def _holding_activation(context: Any, db: DuckDBResource, config: ActivationConf
     except BaseException:
         locks.release(connect, config.name, run_id)
         raise
-    if last_step:
+    if _is_last_step(context, config, step):
         locks.release(connect, config.name, run_id)
+
+
+def _run_active(context: Any):
+    """Whether a run is in progress, as this Dagster instance knows it (None: unknown)."""
+    def active(run_id: str) -> bool | None:
+        record = context.instance.get_run_by_id(run_id)
+        return None if record is None else record.status in IN_PROGRESS
+    return active
+
+
+def _website_lock(context: Any, db: DuckDBResource, store: StateStore,
+                  options: "CrispRunOptions"):
+    """The website's lock (see `state.locks`): a mirror's deletes and adoptions by any
+    activation on the website never overlap."""
+    def hold():
+        return locks.holding(_connector(db), locks.website_lock_name(store.website_id or ""),
+                             context.run.run_id, wait_seconds=options.lock_wait_seconds,
+                             run_active=_run_active(context))
+    return hold
 
 
 def _release_activation(context: Any, db: DuckDBResource, config: ActivationConfig) -> None:
@@ -179,7 +205,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
               "with a reason (table `rejected`).")
     def segment(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
                 crisp_run: CrispRunOptions) -> dg.MaterializeResult:
-        with _holding_activation(context, crisp_db, config, crisp_run):
+        with _holding_activation(context, crisp_db, config, crisp_run, "segment"):
             normalized = _stage(_store(crisp_db, config), config, source(crisp_db),
                                 context.run.run_id)
         rejected_rows = _rejected_rows(normalized.rejected)
@@ -209,9 +235,11 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     def crisp_snapshot(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
                        crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
-        with _holding_activation(context, crisp_db, config, crisp_run):
-            changes, rekeyed, report = _refresh_snapshot(store, config, crisp, crisp_db,
-                                                         context.run.run_id)
+        with _holding_activation(context, crisp_db, config, crisp_run, "crisp_snapshot"):
+            prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
+                                   source(crisp_db))
+            prepare.through("segment")
+            changes, rekeyed, report = prepare.snapshot()
         for change in changes:
             context.log.warning(f"{name}: configuration change: {change}")
         return dg.MaterializeResult(metadata={
@@ -232,10 +260,11 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     def change_set(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
                    crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
         store = _store(crisp_db, config)
-        with _holding_activation(context, crisp_db, config, crisp_run):
-            planned = plan_change_set(store, config, context.run.run_id,
-                                      override_guards=crisp_run.override_guards,
-                                      dry_run=crisp_run.dry_run)
+        with _holding_activation(context, crisp_db, config, crisp_run, "change_set"):
+            prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
+                                   source(crisp_db))
+            prepare.through("crisp_snapshot")
+            planned = prepare.change_set()
         return dg.MaterializeResult(metadata=_change_set_metadata(
             store, config, planned, crisp.budget_left(_connector(crisp_db))))
 
@@ -270,22 +299,19 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             eta = (total - done) / rate if rate else 0.0
             context.log.info(f"{name}: {done}/{total} people, {rate:.1f}/s, ETA {eta:.0f}s")
 
-        with _holding_activation(context, crisp_db, config, crisp_run, last_step=True):
-            recomputed = change_set_run_id(store) != run_id
-            if recomputed:
-                # a re-execution (or a lone sync step): never apply another run's change
-                # set; plan again from the source and Crisp as they are now
-                context.log.warning(f"{name}: the stored change set is not this run's; "
-                                    "recomputing it from the current source")
-                _recompute(store, config, crisp, crisp_db, crisp_run, source(crisp_db), run_id)
+        with _holding_activation(context, crisp_db, config, crisp_run, "crisp_sync"):
+            prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
+                                   source(crisp_db))
+            recomputed = prepare.through("change_set")
             try:
                 report = apply_change_set(
                     store, config, run_id, _settings_factory(crisp, config),
                     crisp.client_options(), _connector(crisp_db), dry_run=crisp_run.dry_run,
                     verdict=current_verdict(store, config),
                     override_guards=crisp_run.override_guards, progress=progress,
-                    heartbeat=lambda: locks.heartbeat(_connector(crisp_db), name, run_id))
-            except (GuardRefusal, CrispError) as error:
+                    heartbeat=lambda: locks.heartbeat(_connector(crisp_db), name, run_id),
+                    website_lock=_website_lock(context, crisp_db, store, crisp_run))
+            except (GuardRefusal, StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
         return dg.MaterializeResult(metadata={
             **{k: (dg.MetadataValue.json(v) if isinstance(v, dict) else v)
@@ -343,35 +369,68 @@ def _segment_verdict(accepted: pl.DataFrame, rejected: pl.DataFrame) -> dg.Asset
         metadata={"rejected_by_reason": reasons})
 
 
-def _refresh_snapshot(store: StateStore, config: ActivationConfig, crisp: CrispResource,
-                      crisp_db: DuckDBResource, run_id: str
-                      ) -> tuple[list[str], int, AdoptionReport]:
-    """Configuration changes, re-keyed people, then adoption of the people still unknown."""
-    if not store.website_id:
-        raise dg.Failure(description=f"activation {config.name!r}: no Crisp website: set "
-                         "`website_id` or CRISP_WEBSITE_ID")
-    changes = apply_configuration_changes(store, config, run_id)
-    accepted, rejected = store.read_segment()
-    rekeyed = rekey_moved_people(store, accepted, rejected)
-    try:
-        report = adopt_new_people(store, config, accepted, _settings_factory(crisp, config),
-                                  crisp.client_options(), _connector(crisp_db))
-    except StopRun as error:
-        raise dg.Failure(description=str(error)) from None
-    return changes, rekeyed, report
+class _Preparation:
+    """The steps before a sync, for one run. A step uses only what earlier steps of its own
+    run left in the state: when one of them did not run in this run (a re-execution from
+    failure, a selection of assets, a dry run in between), it is done again, from the source
+    and Crisp as they are now, and so is everything after it."""
 
+    def __init__(self, context: Any, store: StateStore, config: ActivationConfig,
+                 crisp: CrispResource, crisp_db: DuckDBResource, options: CrispRunOptions,
+                 source: DuckDBSource) -> None:
+        self.context, self.store, self.config = context, store, config
+        self.crisp, self.crisp_db, self.options, self.source = crisp, crisp_db, options, source
+        self.run_id = context.run.run_id
 
-def _recompute(store: StateStore, config: ActivationConfig, crisp: CrispResource,
-               crisp_db: DuckDBResource, options: CrispRunOptions, source: DuckDBSource,
-               run_id: str) -> Plan:
-    """Every step before the sync, for a sync whose run did not compute its change set."""
-    normalized = _stage(store, config, source, run_id)
-    verdict = _segment_verdict(normalized.accepted, normalized.rejected)
-    if not verdict.passed and verdict.severity == dg.AssetCheckSeverity.ERROR:
-        raise dg.Failure(description=f"segment_usable: {verdict.description}")
-    _refresh_snapshot(store, config, crisp, crisp_db, run_id)
-    return plan_change_set(store, config, run_id, override_guards=options.override_guards,
-                           dry_run=options.dry_run)
+    def through(self, step: str) -> bool:
+        """Redo every step up to `step` that this run did not do; True when any was redone."""
+        stages = {"segment": "segment", "crisp_snapshot": "snapshot", "change_set": "change_set"}
+        redo = False
+        for name in STEPS[:STEPS.index(step) + 1]:
+            if not redo and self.store.stage_run(stages[name]) == self.run_id:
+                continue
+            if not redo:
+                self.context.log.warning(
+                    f"{self.config.name}: {name} was not done by this run; doing it again "
+                    "from the source and Crisp as they are now")
+            redo = True
+            if name == "segment":
+                normalized = _stage(self.store, self.config, self.source, self.run_id)
+                verdict = _segment_verdict(normalized.accepted, normalized.rejected)
+                if not verdict.passed and verdict.severity == dg.AssetCheckSeverity.ERROR:
+                    raise dg.Failure(description=f"segment_usable: {verdict.description}")
+            elif name == "crisp_snapshot":
+                self.snapshot()
+            else:
+                self.change_set()
+        return redo
+
+    def snapshot(self) -> tuple[list[str], int, AdoptionReport]:
+        """Configuration changes, re-keyed people, then adoption of the people still unknown."""
+        store, config = self.store, self.config
+        if not store.website_id:
+            raise dg.Failure(description=f"activation {config.name!r}: no Crisp website: set "
+                             "`website_id` or CRISP_WEBSITE_ID")
+        changes = apply_configuration_changes(store, config, self.run_id,
+                                              self.options.dry_run)
+        accepted, rejected = store.read_segment()
+        rekeyed = rekey_moved_people(store, accepted, rejected)
+        try:
+            report = adopt_new_people(
+                store, config, accepted, rejected, _settings_factory(self.crisp, config),
+                self.crisp.client_options(), _connector(self.crisp_db),
+                _website_lock(self.context, self.crisp_db, store, self.options))
+        except StopRun as error:
+            raise dg.Failure(description=str(error)) from None
+        except locks.ActivationLocked as error:
+            raise dg.Failure(description=str(error)) from None
+        store.mark_stage("snapshot", self.run_id)
+        return changes, rekeyed + report.rekeyed, report
+
+    def change_set(self) -> Plan:
+        return plan_change_set(self.store, self.config, self.run_id,
+                               override_guards=self.options.override_guards,
+                               dry_run=self.options.dry_run)
 
 
 def _change_set_metadata(store: StateStore, config: ActivationConfig, planned: Plan,

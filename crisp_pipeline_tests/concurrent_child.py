@@ -5,7 +5,8 @@ The activation comes from TRUST_ACTIVATION (its JSON), the DuckDB file from TRUS
 script: `python -m crisp_pipeline_tests.concurrent_child RUN_ID [RUN_CONFIG_JSON]` runs the job
 once under that run id and prints one JSON line: {"run_id", "success", "failure"}. With
 TRUST_GO set to a path, it builds the job, creates `<path>.ready`, and starts the run only once
-`<path>` exists: two children can then start runs a fraction of a second apart.
+`<path>` exists: two children can then start runs a fraction of a second apart. With
+TRUST_PERSISTENT set, the run is recorded in the instance of $DAGSTER_HOME.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ if __name__ == "__main__":
             deadline = time.monotonic() + 120
             while not Path(go).exists() and time.monotonic() < deadline:
                 time.sleep(0.005)
-        result = job.execute_in_process(raise_on_error=False, run_id=run_id,
-                                        run_config=run_config)
+        if os.environ.get("TRUST_PERSISTENT"):  # the instance of $DAGSTER_HOME, as dg dev's
+            with dg.DagsterInstance.get() as instance:
+                result = job.execute_in_process(raise_on_error=False, run_id=run_id,
+                                                run_config=run_config, instance=instance)
+        else:
+            result = job.execute_in_process(raise_on_error=False, run_id=run_id,
+                                            run_config=run_config)
         outcome = {"run_id": run_id, "success": result.success, "failure": failure_text(result)}
     except Exception as error:  # noqa: BLE001 - reported to the test, which decides
         outcome = {"run_id": run_id, "success": False,

@@ -32,7 +32,7 @@ from crisp_pipeline.crisp import contract
 from crisp_pipeline.state.store import ABSENCE_SCHEMA, UNCONFIRMED
 
 from . import fields as crisp_fields
-from .departures import DepartureContext, decide
+from .departures import HELD, DepartureContext, decide
 from .encode import JSON_NULL, encode_expr, encode_value
 from .normalize import EMAIL, IDENTIFIER, ROW
 
@@ -44,7 +44,6 @@ class PlannedChanges:
     change_set: pl.DataFrame
     absences: pl.DataFrame | None  # mirror: who is absent, to remember for the grace period
     held_departures: int  # mirror: departures held because someone may still be there
-    unidentified_rows: int
 
 
 def _json_object(fields: list[str], prefix: str, include: dict[str, pl.Expr],
@@ -117,7 +116,11 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
     rejected_ids = rejected.get_column(IDENTIFIER).drop_nulls().implode()
     # a managed person is still reached by a source row carrying their email, even under
     # another identifier or in a rejected row: such a person has not left
-    source_emails = pl.concat([segment.get_column(EMAIL), rejected.get_column(EMAIL)]
+    # (a row managed under its own identifier reaches that person only, so that an email
+    # passed from a departed person to a managed one does not keep the departed forever)
+    unmanaged = segment.filter(~pl.col(IDENTIFIER).is_in(
+        snapshot.get_column(IDENTIFIER).implode())).get_column(EMAIL)
+    source_emails = pl.concat([unmanaged, rejected.get_column(EMAIL)]
                               ).drop_nulls().str.to_lowercase().implode()
     managed_emails = snapshot.get_column(EMAIL).drop_nulls().str.to_lowercase().implode()
     joined = (keys.lazy().join(new.lazy(), on="i_new", how="left")
@@ -182,11 +185,10 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
     departed = base.filter(pl.col("op") == "delete").collect()
     decided = absences = None
     if departures is not None and departed.height:
-        outcome = decide(departed.select(IDENTIFIER, "people_id", "origin",
-                                         *[pl.col("old:" + f) for f in fields]),
-                         fields, config.mirror, departures)
+        outcome = decide(departed.select(IDENTIFIER, "people_id", "origin"), config.mirror,
+                         departures)
         decided, absences = outcome.decided, outcome.absences
-        departed = departed.drop("op").join(decided.lazy().collect(), on=IDENTIFIER)
+        departed = departed.drop("op").join(decided, on=IDENTIFIER)
     elif departures is not None:
         absences = pl.DataFrame(schema=ABSENCE_SCHEMA)
     if decided is None:
@@ -227,9 +229,8 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
 
     order = pl.col("op").replace_strict({op: i for i, op in enumerate(OPS)}, return_dtype=pl.Int8)
     change_set = pl.concat([work, bad_rows]).sort(order, IDENTIFIER, nulls_last=True).collect()
-    held = 0 if decided is None else decided.filter(pl.col("reason") == "departure_held").height
-    unidentified = 0 if departures is None else departures.unidentified.height
-    return PlannedChanges(change_set, absences, held, unidentified)
+    held = 0 if decided is None else decided.filter(pl.col("reason") == HELD).height
+    return PlannedChanges(change_set, absences, held)
 
 
 def counts_by_op(change_set: pl.DataFrame) -> dict[str, int]:

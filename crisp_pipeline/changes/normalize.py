@@ -44,7 +44,7 @@ class NormalizedSegment:
     accepted: pl.DataFrame  # row_number, identifier, email, then one JSON-text column per field
     rejected: pl.DataFrame  # one row per problem: row_number, identifier, email, field, reason,
     # message
-    unidentified: pl.DataFrame  # rows naming nobody: row_number, then the JSON text per field
+    unidentified: pl.DataFrame  # rows naming nobody: row_number, fingerprint of the raw row
     source_rows: int
 
 
@@ -198,8 +198,11 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
     if config.keyed_by_email:
         names_nobody = names_nobody | (pl.col("reason") == "invalid_email")
     nobody = rejected.filter(names_nobody).select(pl.col(ROW).alias(_ROW)).unique()
-    unidentified = frame.join(nobody, on=_ROW, how="semi").select(pl.col(_ROW).alias(ROW),
-                                                                  *encoded)
+    # a fingerprint of every column the source returned, to tell a row seen before from a
+    # new one (changes.departures)
+    unidentified = frame.join(nobody, on=_ROW, how="semi").select(
+        pl.col(_ROW).alias(ROW),
+        pl.struct(raw.columns).hash().cast(pl.String).alias("fingerprint"))
     return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,
                              source_rows=raw.height)
 

@@ -10,15 +10,21 @@ A holder that died without giving it back must not block the activation forever.
 is taken over when its holder is known to have ended: the Dagster instance says the run is
 not in progress, or the process that last touched the lock no longer exists on this machine,
 or (for a holder on another machine that the instance does not know) nothing has refreshed
-the lock for `STALE_AFTER`.
+the lock for `STALE_AFTER`. With a multi-process executor a taken-over run notices at its
+next step, which finds the lock held by another run and stops.
+
+The same table holds one lock per website (`website_lock_name`), taken while a mirror deletes
+people and while an activation adopts people, so that no person is deleted under another
+activation that is taking them on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -63,21 +69,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def holder_ended(holder: Holder, run_active: Callable[[str], bool | None]) -> bool:
-    """Whether the run holding the lock is known to have ended (see module docstring)."""
+    """Whether the run holding the lock is known to have ended (see module docstring).
+
+    On this machine the process that last touched the lock decides first: gone means ended,
+    even when the Dagster instance still says the run is in progress (a killed worker with no
+    run monitoring stays "started" forever). A run whose process is alive has ended when the
+    instance says so."""
+    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
+        return True
     active = run_active(holder.run_id)
     if active is not None:
         return not active
     if holder.host == socket.gethostname():
-        return not _pid_alive(holder.pid)
+        return False
     return now() - holder.heartbeat_at > STALE_AFTER
-
-
-def current_holder(connect: Connect, activation: str) -> Holder | None:
-    with connect() as connection:
-        table = _table(connection)
-        row = connection.execute(f"select run_id, host, pid, acquired_at, heartbeat_at from "
-                                 f"{table} where activation = ?", [activation]).fetchone()
-    return Holder(*row) if row else None
 
 
 def _try_take(connect: Connect, activation: str, run_id: str,
@@ -118,8 +123,11 @@ def acquire(connect: Connect, activation: str, run_id: str, *, wait_seconds: flo
         if holder is None:
             return
         if time.monotonic() >= deadline:
+            what = (f"website {activation.removeprefix('website:')!r} (a mirror deleting or an "
+                    "activation adopting people on it)" if activation.startswith("website:")
+                    else f"activation {activation!r}")
             raise ActivationLocked(
-                f"activation {activation!r} is locked by run {holder.run_id} (since "
+                f"{what} is locked by run {holder.run_id} (since "
                 f"{holder.acquired_at:%Y-%m-%d %H:%M:%S %Z}, on {holder.host}); this run waited "
                 f"{wait_seconds:g} s and sent nothing. One run per activation at a time: let "
                 "that run finish, or raise `lock_wait_seconds` in the run config.")
@@ -140,3 +148,20 @@ def heartbeat(connect: Connect, activation: str, run_id: str) -> None:
         table = _table(connection)
         connection.execute(f"update {table} set heartbeat_at = ? where activation = ? and "
                            "run_id = ?", [now(), activation, run_id])
+
+
+@contextlib.contextmanager
+def holding(connect: Connect, name: str, run_id: str, *, wait_seconds: float,
+            run_active: Callable[[str], bool | None] = lambda run_id: None) -> Iterator[None]:
+    """Hold lock `name` for the block (e.g. a website's, while a mirror deletes or an
+    activation adopts people on it)."""
+    acquire(connect, name, run_id, wait_seconds=wait_seconds, run_active=run_active)
+    try:
+        yield
+    finally:
+        release(connect, name, run_id)
+
+
+def website_lock_name(website_id: str) -> str:
+    """The lock that serialises deleting and adopting people on one website."""
+    return f"website:{website_id}"

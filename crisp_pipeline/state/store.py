@@ -193,7 +193,30 @@ class StateStore:
             raise ValueError("this state store was opened without a website (CRISP_WEBSITE_ID)")
         return self.website_id
 
-    # ---------------------------------------------------------------- segment
+    # ---------------------------------------------------------------- stages
+
+    def _mark_stage(self, connection: duckdb.DuckDBPyConnection, stage: str,
+                    run_id: str) -> None:
+        table = self.table("stages")
+        connection.execute(f"create table if not exists {table} (stage varchar primary key, "
+                           "run_id varchar not null, done_at timestamptz)")
+        connection.execute(f"insert into {table} values (?, ?, ?) on conflict (stage) do "
+                           "update set run_id = excluded.run_id, done_at = excluded.done_at",
+                           [stage, run_id, now()])
+
+    def mark_stage(self, stage: str, run_id: str) -> None:
+        with self._transaction() as connection:
+            self._mark_stage(connection, stage, run_id)
+
+    def stage_run(self, stage: str) -> str | None:
+        """The run that last did `stage` (segment, snapshot, change_set): a step uses what
+        an earlier step of its own run left, never another run's."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "stages"):
+                return None
+            row = connection.execute(f"select run_id from {self.table('stages')} where "
+                                     "stage = ?", [stage]).fetchone()
+        return row[0] if row else None
 
     def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame,
                       unidentified: pl.DataFrame, run_id: str) -> None:
@@ -202,6 +225,7 @@ class StateStore:
             self._replace(connection, "rejected",
                           rejected.with_columns(pl.lit(run_id).alias("run_id")))
             self._replace(connection, "unidentified", unidentified)
+            self._mark_stage(connection, "segment", run_id)
 
     def read_segment(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(accepted, rejected) as the last `segment` materialization left them."""
@@ -231,8 +255,8 @@ class StateStore:
     def _migrate_snapshot(self, connection: duckdb.DuckDBPyConnection) -> None:
         """A snapshot written before it was kept per website: it belonged to the website the
         activation uses now. People it held twice (two identifiers, one Crisp person) are
-        kept once; their origin is unknown, so they count as adopted (never deleted unless
-        the mirror allows deleting adopted people)."""
+        kept once. People whose create the old `outcomes` record count as created; the others
+        as adopted (never deleted unless the mirror allows deleting adopted people)."""
         old = self.table("snapshot_before_websites")
         connection.execute(f"alter table {self.table('snapshot')} rename to "
                            "snapshot_before_websites")
@@ -241,9 +265,14 @@ class StateStore:
         self._ensure_snapshot(connection, fields)
         listed = ", ".join(quote(c) for c in ["identifier", "people_id", "email",
                                               "confirmed_at", *fields])
+        created = "false"
+        if self._exists(connection, "outcomes"):
+            created = (f"identifier in (select identifier from {self.table('outcomes')} "
+                       "where step = 'create' and status = 'ok')")
         connection.execute(
             f"insert into {self.table('snapshot')} (website_id, origin, {listed}) "
-            f"select ?, 'adopted', {listed} from {old} where people_id is not null "
+            f"select ?, case when {created} then 'created' else 'adopted' end, {listed} "
+            f"from {old} where people_id is not null "
             "qualify row_number() over (partition by people_id order by identifier) = 1",
             [self._website()])
         connection.execute(f"drop table {old}")
@@ -291,19 +320,22 @@ class StateStore:
         connection.unregister("forgotten")
 
     def rekey(self, moves: pl.DataFrame) -> int:
-        """Give managed people new identifiers (`old_identifier` -> `new_identifier`), keeping
-        their people_id and everything confirmed: an identifier that changed is still the
-        same person, who must be neither deleted nor created again."""
+        """Give managed people new identifiers (`old_identifier` -> `new_identifier`, and the
+        `email` Crisp confirmed when given), keeping their people_id and everything confirmed:
+        an identifier that changed is still the same person, who must be neither deleted nor
+        created again."""
         if moves.is_empty():
             return 0
+        if "email" not in moves.columns:
+            moves = moves.with_columns(pl.lit(None, pl.String).alias("email"))
         with self._transaction() as connection:
             self._ensure_snapshot(connection, [])
-            connection.register("moves", moves.select("old_identifier", "new_identifier")
-                                .to_arrow())
+            connection.register("moves", moves.select("old_identifier", "new_identifier",
+                                                      "email").to_arrow())
             connection.execute(
-                f"update {self.table('snapshot')} as s set identifier = m.new_identifier "
-                "from moves as m where s.website_id = ? and s.identifier = m.old_identifier",
-                [self._website()])
+                f"update {self.table('snapshot')} as s set identifier = m.new_identifier, "
+                "email = coalesce(m.email, s.email) from moves as m where s.website_id = ? "
+                "and s.identifier = m.old_identifier", [self._website()])
             connection.unregister("moves")
         return moves.height
 
@@ -319,48 +351,55 @@ class StateStore:
 
     def holders_elsewhere(self, people_ids: list[str]) -> set[str]:
         """The people among `people_ids` that another activation's snapshot holds on this
-        website: a mirror must release them, never delete them."""
+        website: a mirror must release them, never delete them. A snapshot from before
+        snapshots were kept per website holds its people on every website."""
         if not people_ids:
             return set()
         held: set[str] = set()
         with self._session(writing=False) as connection:
-            schemas = [row[0] for row in connection.execute(
-                "select t.table_schema from information_schema.tables t join "
-                "information_schema.columns c on c.table_schema = t.table_schema and "
-                "c.table_name = t.table_name where t.table_name = 'snapshot' and "
-                "c.column_name = 'website_id' and t.table_schema <> ?",
-                [self.schema]).fetchall()]
+            schemas = connection.execute(
+                "select t.table_schema, bool_or(c.column_name = 'website_id') from "
+                "information_schema.tables t join information_schema.columns c on "
+                "c.table_schema = t.table_schema and c.table_name = t.table_name where "
+                "t.table_name = 'snapshot' and t.table_schema <> ? group by 1",
+                [self.schema]).fetchall()
             if not schemas:
                 return held
             connection.register("candidates", pl.DataFrame(
                 {"people_id": people_ids}, schema={"people_id": pl.String}).to_arrow())
-            for schema in schemas:
+            for schema, per_website in schemas:
+                where, params = "people_id in (select people_id from candidates)", []
+                if per_website:
+                    where, params = where + " and website_id = ?", [self._website()]
                 held.update(row[0] for row in connection.execute(
-                    f"select people_id from {self.table('snapshot', schema)} where "
-                    "website_id = ? and people_id in (select people_id from candidates)",
-                    [self._website()]).fetchall())
+                    f"select people_id from {self.table('snapshot', schema)} where {where}",
+                    params).fetchall())
             connection.unregister("candidates")
         return held
 
     # ---------------------------------------------------------------- configuration
 
     def stored_configuration(self) -> dict | None:
-        """The configuration the state was last kept for (None: never recorded)."""
+        """The configuration the state was last kept for, preferably by a run that was not a
+        dry run (None: never recorded), so that a dry run never hides a change from the real
+        run."""
         with self._session(writing=False) as connection:
             if not self._exists(connection, "configuration"):
                 return None
             row = connection.execute(f"select configuration from {self.table('configuration')} "
-                                     "order by recorded_at desc limit 1").fetchone()
+                                     "order by dry_run, recorded_at desc limit 1").fetchone()
         return json.loads(row[0]) if row else None
 
-    def record_configuration(self, configuration: dict, changes: list[str], run_id: str) -> None:
+    def record_configuration(self, configuration: dict, changes: list[str], run_id: str,
+                             dry_run: bool) -> None:
         with self._transaction() as connection:
             self._append(connection, "configuration", pl.DataFrame([{
-                "run_id": run_id, "recorded_at": now(),
+                "run_id": run_id, "recorded_at": now(), "dry_run": dry_run,
                 "configuration": json.dumps(configuration, sort_keys=True),
                 "changes": changes}], schema={
                 "run_id": pl.String, "recorded_at": pl.Datetime("us", "UTC"),
-                "configuration": pl.String, "changes": pl.List(pl.String)}))
+                "dry_run": pl.Boolean, "configuration": pl.String,
+                "changes": pl.List(pl.String)}))
 
     # ---------------------------------------------------------------- departures
 
@@ -372,6 +411,12 @@ class StateStore:
                                       "website_id = ?", [self._website()]).pl().cast(
                                           ABSENCE_SCHEMA)
 
+    def clear_absences(self) -> None:
+        """Forget every absence (a new website or mode: no grace-period streak carries over)."""
+        with self._transaction() as connection:
+            if self._exists(connection, "absences"):
+                connection.execute(f"delete from {self.table('absences')}")
+
     def write_absences(self, absences: pl.DataFrame) -> None:
         """This website's absent people, as of this run (replacing the previous list)."""
         with self._transaction() as connection:
@@ -380,19 +425,32 @@ class StateStore:
                                    [self._website()])
             self._append(connection, "absences", absences.cast(ABSENCE_SCHEMA))
 
-    def unidentified_baseline(self) -> int | None:
-        """How many source rows named nobody at the last sync that held no departure (None:
-        no such sync yet). More than that now is new ambiguity."""
+    def unidentified_baseline(self) -> pl.DataFrame | None:
+        """The fingerprints of the rows naming nobody at the last sync that held no departure
+        (None: no such sync on this website yet): rows beyond those are new ambiguity."""
         with self._session(writing=False) as connection:
-            if not self._exists(connection, "runs") or \
-                    "unidentified_rows" not in self._columns(connection, "runs"):
+            if not self._exists(connection, "unidentified_baseline"):
                 return None
-            row = connection.execute(
-                f"select unidentified_rows from {self.table('runs')} where not dry_run and "
-                "stopped is null and coalesce(held_departures, 0) = 0 and website_id = ? "
-                "and unidentified_rows is not null order by finished_at desc limit 1",
-                [self._website()]).fetchone()
-        return int(row[0]) if row else None
+            frame = connection.execute(
+                f"select fingerprint, website_id from {self.table('unidentified_baseline')} "
+                "where website_id = ?", [self._website()]).pl()
+            known = (self._exists(connection, "runs")
+                     and "website_id" in self._columns(connection, "runs")
+                     and connection.execute(
+                         f"select count(*) from {self.table('runs')} where website_id = ? "
+                         "and not dry_run", [self._website()]).fetchone()[0])
+        return frame.select("fingerprint") if known else None
+
+    def accept_unidentified(self) -> None:
+        """This run's rows naming nobody become the baseline (a sync that held nothing)."""
+        with self._transaction() as connection:
+            table = self.table("unidentified_baseline")
+            connection.execute(f"create table if not exists {table} (website_id varchar, "
+                               "fingerprint varchar)")
+            connection.execute(f"delete from {table} where website_id = ?", [self._website()])
+            if self._exists(connection, "unidentified"):
+                connection.execute(f"insert into {table} select ?, fingerprint from "
+                                   f"{self.table('unidentified')}", [self._website()])
 
     def deleted_since(self, since: datetime) -> int:
         """People this activation deleted from this website since `since` (rolling guard)."""
@@ -400,11 +458,15 @@ class StateStore:
             if not self._exists(connection, "deletions"):
                 return 0
             columns = self._columns(connection, "deletions")
-            action = "coalesce(action, 'deleted') = 'deleted'" if "action" in columns else "true"
-            website = "website_id = ?" if "website_id" in columns else "? is not null"
+            where, params = ["deleted_at >= ?"], [since]
+            if "action" in columns:  # tables from before releases hold deletions only
+                where.append("coalesce(action, 'deleted') = 'deleted'")
+            if "website_id" in columns:
+                where.append("website_id = ?")
+                params.append(self._website())
             return int(connection.execute(
-                f"select count(*) from {self.table('deletions')} where deleted_at >= ? and "
-                f"{action} and {website}", [since, self._website()]).fetchone()[0])
+                f"select count(*) from {self.table('deletions')} where {' and '.join(where)}",
+                params).fetchone()[0])
 
     # ---------------------------------------------------------------- change sets
 
@@ -414,6 +476,17 @@ class StateStore:
         with self._transaction() as connection:
             self._replace(connection, "change_set", frame)
             self._append(connection, "change_set_history", frame)
+            self._mark_stage(connection, "change_set", run_id)
+
+    def planned_creates(self) -> pl.DataFrame:
+        """identifier, computed_at of the creates the latest change set planned."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "change_set") or \
+                    "computed_at" not in self._columns(connection, "change_set"):
+                return pl.DataFrame(schema={"identifier": pl.String,
+                                            "computed_at": pl.Datetime("us", "UTC")})
+            return connection.execute(f"select identifier, computed_at from "
+                                      f"{self.table('change_set')} where op = 'create'").pl()
 
     def read_change_set(self) -> pl.DataFrame:
         with self._session(writing=False) as connection:

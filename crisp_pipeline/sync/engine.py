@@ -5,7 +5,11 @@ for `PATCH batch/data`, of many people who need the very same data change:
 - delete: `DELETE people/profile/{id}`;
 - profile: `PATCH people/profile/{id}` with the changed profile fields (and email);
 - create: `POST people/profile` (on `people_exists`: find the person and patch instead);
-- data: the people-data merge, batched when two or more people share it, single otherwise.
+- data: the people-data merge, batched when two or more people share it, single otherwise;
+- release: no request; the person is no longer managed (mirror), recorded like the others.
+Releases go first. The delete phase runs inside `delete_gate`, which holds the website's lock
+and names the people another activation took on since the change set was planned: they are
+released instead of deleted.
 Phases run in the activation's `order` (default: deletes, updates, creates); a create's data
 unit runs once its person exists.
 
@@ -23,10 +27,12 @@ one transaction; a `StopRun` (credentials, website) commits what finished and en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +74,7 @@ class Person:
     values: dict[str, Any]
     data: dict[str, Any] | None
     old_values: str | None
+    reason: str | None = None  # why the change set planned this (releases)
     status: str = "pending"
     open_units: int = 0  # units made for this person and not tried yet
     confirmed: dict[str, str] = field(default_factory=dict)  # field -> JSON text
@@ -117,7 +124,9 @@ class SyncEngine:
                  chunk: int = 200, max_consecutive_failures: int = 25,
                  progress: Callable[[int, int, float], None] | None = None,
                  planned_at_ms: float | None = None,
-                 managed_people_ids: set[str] | frozenset[str] = frozenset()) -> None:
+                 managed_people_ids: set[str] | frozenset[str] = frozenset(),
+                 delete_gate: Callable[[list[str]], AbstractContextManager[set[str]]]
+                 | None = None) -> None:
         self.client = client
         self.fields = fields
         self.order = order
@@ -127,6 +136,7 @@ class SyncEngine:
         self.progress = progress
         self.planned_at_ms = planned_at_ms
         self.managed_people_ids = managed_people_ids
+        self.delete_gate = delete_gate or (lambda people_ids: contextlib.nullcontext(set()))
         self._summary = SyncSummary()
         self._unit_ids = 0
         self._failures_in_a_row = 0
@@ -144,13 +154,19 @@ class SyncEngine:
         people = [Person(r["identifier"], r["op"], r.get("email"), r.get("people_id"),
                          json.loads(r["new_values"]) if r.get("new_values") else {},
                          json.loads(r["data_values"]) if r.get("data_values") else None,
-                         r.get("old_values")) for r in rows]
+                         r.get("old_values"), r.get("reason")) for r in rows]
         self._total = len(people)
         try:
+            await self._run([self._release(p) for p in people if p.op == "release"], on_batch)
             for phase in self.order:
                 mine = [p for p in people if p.op == phase]
-                if phase == "delete":
-                    await self._run([self._delete(p) for p in mine], on_batch)
+                if phase == "delete" and mine:
+                    with self.delete_gate([p.people_id for p in mine]) as taken_on:
+                        for person in mine:
+                            if person.people_id in taken_on:
+                                person.op, person.reason = "release", "held_by_other_activation"
+                        await self._run([self._release(p) if p.op == "release"
+                                         else self._delete(p) for p in mine], on_batch)
                 elif phase == "update":
                     units = [self._profile(p) for p in mine if self._profile_values(p)]
                     units += self._data_units([p for p in mine if p.data])
@@ -247,6 +263,12 @@ class SyncEngine:
                     if name in person.values:
                         person.confirmed[name] = encode_value(person.values[name])
         return confirm
+
+    @staticmethod
+    def _release(person: Person) -> Unit:
+        async def send() -> None:
+            return None
+        return Unit("release", [person], send, lambda: None)
 
     def _delete(self, person: Person) -> Unit:
         async def send() -> None:

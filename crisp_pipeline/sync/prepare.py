@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig, Mode
-from crisp_pipeline.changes.departures import DepartureContext
+from crisp_pipeline.changes.departures import DepartureContext, new_unidentified_rows
 from crisp_pipeline.changes.diff import PlannedChanges, plan_changes
 from crisp_pipeline.changes.guards import GuardVerdict, evaluate_guards
 from crisp_pipeline.changes.normalize import NormalizedSegment, normalize_segment
 from crisp_pipeline.crisp import CrispSettings
 from crisp_pipeline.crisp.pacing import RequestStats
-from crisp_pipeline.state.store import Connect, StateStore, now
+from crisp_pipeline.state.store import ABSENCE_SCHEMA, Connect, StateStore, now
 from crisp_pipeline.warehouse import SegmentSource
 
 from .adopt import adopt_by_email
@@ -37,14 +38,16 @@ def stage_segment(store: StateStore, config: ActivationConfig, source: SegmentSo
 # ---------------------------------------------------------------- configuration changes
 
 
-def apply_configuration_changes(store: StateStore, config: ActivationConfig,
-                                run_id: str) -> list[str]:
+def apply_configuration_changes(store: StateStore, config: ActivationConfig, run_id: str,
+                                dry_run: bool) -> list[str]:
     """Compare the configuration with the one the state was kept for, turn every difference
-    into explicit work, record the new one, and say what changed (for metadata and logs)."""
+    into explicit work, record the new one, and say what changed (for metadata and logs).
+    A dry run does the same work in the state (it is not a write to Crisp), but the next real
+    run still compares with the last real one and reports the changes again."""
     current = config.identity(store.website_id)
     stored = store.stored_configuration()
     if stored is None:
-        store.record_configuration(current, [], run_id)
+        store.record_configuration(current, [], run_id, dry_run)
         return []
     changes = []
     managed = store.count("snapshot")
@@ -71,8 +74,10 @@ def apply_configuration_changes(store: StateStore, config: ActivationConfig,
     if stored.get("mode") != current["mode"]:
         changes.append(f"mode changed from {stored.get('mode')} to {current['mode']}: takes "
                        "effect in this run, under the guards")
+    if stored.get("mode") != current["mode"] or stored.get("website_id") != current["website_id"]:
+        store.clear_absences()  # a grace period counts runs in a row of this very setup
     if changes:
-        store.record_configuration(current, changes, run_id)
+        store.record_configuration(current, changes, run_id, dry_run)
     return changes
 
 
@@ -103,19 +108,26 @@ def rekey_moved_people(store: StateStore, accepted: pl.DataFrame, rejected: pl.D
 class AdoptionReport:
     looked_up: int = 0
     adopted: int = 0
+    rekeyed: int = 0  # found in Crisp as a person managed here under an identifier now gone
     unanswered: int = 0
-    conflicts: int = 0  # found in Crisp, but already managed here under another identifier
+    conflicts: int = 0  # found in Crisp as a person managed here under an identifier in use
     method: str = "none"
     stats: RequestStats = field(default_factory=RequestStats)
 
 
 def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.DataFrame,
-                     settings_factory: Callable[[], CrispSettings], options: ClientOptions,
-                     connect: Connect) -> AdoptionReport:
+                     rejected: pl.DataFrame, settings_factory: Callable[[], CrispSettings],
+                     options: ClientOptions, connect: Connect,
+                     website_lock: Callable[[], AbstractContextManager[None]]) -> AdoptionReport:
     """Look up, by email, the segment's people the snapshot does not know yet.
 
     A person found is *created* (by us) when our last change set planned to create them and
-    Crisp created them after that; otherwise *adopted* (they were in Crisp before us)."""
+    Crisp created them after that; otherwise *adopted* (they were in Crisp before us). A
+    person found who is managed here already, under an identifier no longer in the source,
+    is the same person under a new identifier (their email changed in Crisp and in the source
+    alike): re-keyed, never deleted and created again. Lookups and confirmations hold the
+    website's lock, so that no mirror deletes a person while another activation adopts them.
+    """
     fields = list(config.managed_columns)
     keys = store.snapshot_keys()
     new = (accepted.join(keys.select("identifier"), on="identifier", how="anti")
@@ -132,33 +144,41 @@ def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.D
                                             fields)
             finally:
                 report.stats = client.stats
-    result = asyncio.run(look_up())
-    managed_ids = set(keys.get_column("people_id").to_list())
-    adopted = [a for a in result.adopted if a.people_id not in managed_ids]
-    report.conflicts = len(result.adopted) - len(adopted)
-    report.adopted, report.unanswered, report.method = (len(adopted), result.unanswered,
-                                                        result.method)
-    if adopted:
-        planned = _planned_creates(store)
-        confirmed = pl.DataFrame(
-            [{"identifier": a.identifier, "people_id": a.people_id, "email": a.email,
-              "confirmed_at": now(), "origin": _origin(a.created_at_ms, planned.get(a.identifier)),
-              **a.held} for a in adopted],
-            schema={"identifier": pl.String, "people_id": pl.String, "email": pl.String,
-                    "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
-                    **{f: pl.String for f in fields}})
-        store.confirm(confirmed, fields)
+    with website_lock():
+        result = asyncio.run(look_up())
+        holder_of = dict(keys.select("people_id", "identifier").iter_rows())
+        in_source = set(pl.concat([accepted.get_column("identifier"),
+                                   rejected.get_column("identifier")]).drop_nulls().to_list())
+        adopted = [a for a in result.adopted if a.people_id not in holder_of]
+        moved = [a for a in result.adopted
+                 if a.people_id in holder_of and holder_of[a.people_id] not in in_source]
+        report.conflicts = len(result.adopted) - len(adopted) - len(moved)
+        report.adopted, report.unanswered, report.method = (len(adopted), result.unanswered,
+                                                            result.method)
+        if moved:
+            report.rekeyed = store.rekey(pl.DataFrame(
+                [{"old_identifier": holder_of[a.people_id], "new_identifier": a.identifier,
+                  "email": a.email} for a in moved],
+                schema={"old_identifier": pl.String, "new_identifier": pl.String,
+                        "email": pl.String}))
+        if adopted:
+            planned = _planned_creates(store)
+            confirmed = pl.DataFrame(
+                [{"identifier": a.identifier, "people_id": a.people_id, "email": a.email,
+                  "confirmed_at": now(),
+                  "origin": _origin(a.created_at_ms, planned.get(a.identifier)), **a.held}
+                 for a in adopted],
+                schema={"identifier": pl.String, "people_id": pl.String, "email": pl.String,
+                        "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
+                        **{f: pl.String for f in fields}})
+            store.confirm(confirmed, fields)
     return report
 
 
 def _planned_creates(store: StateStore) -> dict[str, float]:
     """identifier -> when our latest change set planned to create them (epoch ms)."""
-    latest = store.read_change_set()
-    if latest.is_empty() or "computed_at" not in latest.columns:
-        return {}
-    creates = latest.filter(pl.col("op") == "create").select(
-        "identifier", pl.col("computed_at").dt.epoch("ms"))
-    return dict(creates.iter_rows())
+    creates = store.planned_creates()
+    return dict(creates.select("identifier", pl.col("computed_at").dt.epoch("ms")).iter_rows())
 
 
 def _origin(created_at_ms: float | None, planned_at_ms: float | None) -> str:
@@ -186,27 +206,18 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
     if config.mode == Mode.MIRROR:
         departed_ids = _departed_people_ids(snapshot, accepted, rejected)
         context = DepartureContext(
-            website_id=store.website_id or "", unidentified=_unidentified(store, fields),
-            baseline=store.unidentified_baseline(), absences=store.read_absences(),
+            website_id=store.website_id or "",
+            new_unidentified_rows=new_unidentified_rows(store.read("unidentified"),
+                                                        store.unidentified_baseline()),
+            absences=store.read_absences(),
             held_elsewhere=frozenset(store.holders_elsewhere(departed_ids)),
             override_guards=override_guards, now=now())
     planned = plan_changes(accepted, rejected, snapshot, config, context)
     store.write_change_set(planned.change_set, run_id)
-    if planned.absences is not None and not dry_run:
-        store.write_absences(planned.absences)
+    if not dry_run:  # who is absent now (nobody, outside mirror): streaks do not carry over
+        store.write_absences(planned.absences if planned.absences is not None
+                             else pl.DataFrame(schema=ABSENCE_SCHEMA))
     return Plan(planned, current_verdict(store, config))
-
-
-def _unidentified(store: StateStore, fields: list[str]) -> pl.DataFrame:
-    """The rows of the segment that name nobody, with the JSON text of each managed field
-    (a field the stored rows lack, after a configuration change, is unknown: null)."""
-    frame = store.read("unidentified")
-    schema = {"row_number": pl.Int64, **{f: pl.String for f in fields}}
-    if frame.is_empty():
-        return pl.DataFrame(schema=schema)
-    return frame.select("row_number", *[pl.col(f) if f in frame.columns else
-                                        pl.lit(None, pl.String).alias(f) for f in fields]
-                        ).cast(schema)
 
 
 def _departed_people_ids(snapshot: pl.DataFrame, accepted: pl.DataFrame,

@@ -1,5 +1,6 @@
-"""Engine batches and releases as the rows the state store records: step outcomes, confirmed
-snapshot values, people no longer managed, and the deletion audit."""
+"""Engine batches as the rows the state store records: step outcomes, confirmed snapshot
+values, people no longer managed (deleted, released, gone from Crisp), and the audit of who
+left and how."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def outcome_frames(batch: Batch, run_id: str, fields: list[str], website_id: str
           "step": s.step, "status": s.status, "reason": s.reason, "message": s.message,
           "unit": s.unit, "requests": s.requests, "at": at} for s in batch.steps],
         schema=OUTCOME_SCHEMA)
-    deleted = {s.identifier for s in batch.steps if s.step == "delete" and s.status == "ok"}
+    left = {s.identifier: s.step for s in batch.steps
+            if s.step in ("delete", "release") and s.status == "ok"}
     gone = {p.identifier for p in batch.people if p.status == "gone"}
 
     def email_of(person) -> str | None:
@@ -37,25 +39,9 @@ def outcome_frames(batch: Batch, run_id: str, fields: list[str], website_id: str
         schema={**SNAPSHOT_KEYS, **{f: pl.String for f in fields}})
     deletions = pl.DataFrame(
         [{"run_id": run_id, "website_id": website_id, "identifier": p.identifier,
-          "people_id": p.people_id, "email": p.email, "action": "deleted", "reason": None,
-          "deleted_at": at, "last_values": p.old_values}
-         for p in batch.people if p.identifier in deleted],
+          "people_id": p.people_id, "email": p.email,
+          "action": "deleted" if left[p.identifier] == "delete" else "released",
+          "reason": p.reason, "deleted_at": at, "last_values": p.old_values}
+         for p in batch.people if p.identifier in left],
         schema=DELETION_SCHEMA)
-    return recorded, confirmed, sorted(deleted | gone), deletions
-
-
-def release_frames(releases: pl.DataFrame, run_id: str, website_id: str) -> Frames:
-    """Releases send nothing: the person is forgotten here and the release audited."""
-    at = now()
-    recorded = releases.select(
-        pl.lit(run_id).alias("run_id"), "identifier", "people_id", "op",
-        pl.lit("release").alias("step"), pl.lit("ok").alias("status"), "reason", "message",
-        pl.lit(None, pl.Int64).alias("unit"), pl.lit(0, pl.Int64).alias("requests"),
-        pl.lit(at).alias("at")).cast(OUTCOME_SCHEMA)
-    deletions = releases.select(
-        pl.lit(run_id).alias("run_id"), pl.lit(website_id).alias("website_id"), "identifier",
-        "people_id", "email", pl.lit("released").alias("action"), "reason",
-        pl.lit(at).alias("deleted_at"), pl.col("old_values").alias("last_values")
-    ).cast(DELETION_SCHEMA)
-    empty = pl.DataFrame(schema=SNAPSHOT_KEYS)
-    return recorded, empty, releases.get_column("identifier").to_list(), deletions
+    return recorded, confirmed, sorted(set(left) | gone), deletions

@@ -1,17 +1,19 @@
-"""Applying a run's change set to Crisp, without Dagster: releases are settled in the state,
-the rest goes through the sync engine, and the run is recorded."""
+"""Applying a run's change set to Crisp, without Dagster, and recording the run."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.changes.departures import HELD
 from crisp_pipeline.changes.guards import GuardVerdict
 from crisp_pipeline.crisp import CrispSettings
 from crisp_pipeline.crisp.pacing import RequestStats
@@ -19,7 +21,7 @@ from crisp_pipeline.state.store import Connect, StateStore, now
 
 from .client import ClientOptions, open_client
 from .engine import Batch, SyncEngine, SyncSummary
-from .recording import outcome_frames, release_frames
+from .recording import outcome_frames
 
 log = logging.getLogger(__name__)
 WORK_OPS = ("create", "update", "delete")
@@ -70,17 +72,13 @@ class SyncReport:
         }
 
 
-def change_set_run_id(store: StateStore) -> str | None:
-    """The run that computed the stored change set."""
-    change_set = store.read_change_set()
-    return change_set.get_column("run_id")[0] if change_set.height else None
-
-
 def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                      settings_factory: Callable[[], CrispSettings], options: ClientOptions,
                      connect: Connect, *, dry_run: bool, verdict: GuardVerdict,
                      override_guards: bool, progress=None,
-                     heartbeat: Callable[[], None] = lambda: None) -> SyncReport:
+                     heartbeat: Callable[[], None] = lambda: None,
+                     website_lock: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+                     ) -> SyncReport:
     """Send this run's change set to Crisp and record what Crisp confirmed.
 
     Raises `StaleChangeSet` when the stored change set is another run's, `GuardRefusal` when
@@ -88,8 +86,8 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
     the finished work) when Crisp refuses the credentials.
     """
     change_set = store.read_change_set()
-    computed_by = change_set.get_column("run_id")[0] if change_set.height else None
-    if computed_by is not None and computed_by != run_id:
+    computed_by = store.stage_run("change_set")
+    if computed_by != run_id:
         raise StaleChangeSet(f"the stored change set was computed by run {computed_by}, not "
                              f"by this run ({run_id}); a sync applies only its own run's")
     if not verdict.passed and not override_guards:
@@ -97,19 +95,12 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
     work = change_set.filter(pl.col("op").is_in([*WORK_OPS, "release"]))
     planned = {op: work.filter(pl.col("op") == op).height for op in (*WORK_OPS, "release")}
     report = SyncReport(computed_by, dry_run, planned)
-    if computed_by and computed_by in store.applied_run_ids():
+    if computed_by in store.applied_run_ids():
         log.info("change set of run %s was already applied; nothing to send", computed_by)
         work = work.clear()
     fields = list(config.managed_columns)
     if not dry_run and not work.is_empty():
-        work = _release_people_held_elsewhere(store, work)
-        releases = work.filter(pl.col("op") == "release")
-        if releases.height:
-            store.record_batch(*release_frames(releases, run_id, store.website_id or ""),
-                               fields=fields)
-            report.summary.people.update({("release", "ok"): releases.height})
-        work = work.filter(pl.col("op") != "release")
-        computed_at = change_set.get_column("computed_at")[0]
+        computed_at = work.get_column("computed_at")[0]
         managed = set(store.snapshot_keys().get_column("people_id").to_list())
 
         def record(batch: Batch) -> None:
@@ -117,18 +108,25 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                                fields=fields)
             heartbeat()
 
+        @contextlib.contextmanager
+        def delete_gate(people_ids: list[str]) -> Iterator[set[str]]:
+            # no activation adopts a person on this website while we delete; one that took
+            # a person on since the change set was planned keeps them (released here)
+            with website_lock():
+                yield store.holders_elsewhere(people_ids)
+
         async def send() -> SyncSummary:
             async with open_client(settings_factory(), options, connect) as client:
                 try:
                     engine = SyncEngine(client, fields, order=config.order,
                                         batch_size=config.batch_size, progress=progress,
                                         planned_at_ms=computed_at.timestamp() * 1000,
-                                        managed_people_ids=managed)
-                    return await engine.apply(work.to_dicts(), record, report.summary)
+                                        managed_people_ids=managed, delete_gate=delete_gate)
+                    return await engine.apply(work.to_dicts(), record)
                 finally:
                     report.stats = client.stats
-        if not work.is_empty():
-            report.summary = asyncio.run(send())
+        report.summary = asyncio.run(send())
+    held = change_set.filter(pl.col("reason") == HELD).height
     store.record_run({
         "run_id": run_id, "change_set_run_id": computed_by, "activation": config.name,
         "website_id": store.website_id, "mode": config.mode.value, "dry_run": dry_run,
@@ -141,22 +139,10 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         "deferred_because": report.deferred_reason,
         "stopped": str(report.summary.stopped) if report.summary.stopped else None,
         "unidentified_rows": store.count("unidentified"),
-        "held_departures": change_set.filter(pl.col("reason") == "departure_held").height,
+        "held_departures": held,
     })
+    if not dry_run and report.summary.stopped is None and not held:
+        store.accept_unidentified()
     if report.summary.stopped is not None:
         raise report.summary.stopped
     return report
-
-
-def _release_people_held_elsewhere(store: StateStore, work: pl.DataFrame) -> pl.DataFrame:
-    """Just before deleting: a person another activation on this website took on since the
-    change set was computed is released instead."""
-    deletes = work.filter(pl.col("op") == "delete").get_column("people_id").to_list()
-    held = store.holders_elsewhere(deletes)
-    if not held:
-        return work
-    return work.with_columns(
-        pl.when(pl.col("op").eq("delete") & pl.col("people_id").is_in(list(held)))
-        .then(pl.lit("release")).otherwise(pl.col("op")).alias("op"),
-        pl.when(pl.col("op").eq("delete") & pl.col("people_id").is_in(list(held)))
-        .then(pl.lit("held_by_other_activation")).otherwise(pl.col("reason")).alias("reason"))
