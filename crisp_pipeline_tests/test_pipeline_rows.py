@@ -214,3 +214,20 @@ def test_change_sets_are_kept_per_run_and_queryable(emulator, tmp_path, monkeypa
     assert sorted(outcomes.select("run_id", "op", "step", "status").rows()) == sorted([
         (first.run_id, "create", "create", "ok"), (first.run_id, "create", "data", "ok"),
         (second.run_id, "update", "data", "ok")])
+
+
+def test_a_null_number_is_left_as_crisp_holds_it_and_never_planned(
+        emulator, tmp_path, monkeypatch):
+    """Crisp takes no empty integer, so a number cannot be cleared: a null source value is
+    not planned, not sent and not refused run after run."""
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="numbers",
+                            fields={"company.metrics.employees": "employees"})
+    schema = {"email": pl.String, "employees": pl.Int64}
+    pipeline.load([{"email": "n@x.io", "employees": 12}], schema=schema)
+    pipeline.run()
+    pipeline.load([{"email": "n@x.io", "employees": None}], schema=schema)
+    for _ in range(2):
+        result = pipeline.run()
+        assert pipeline.metadata(result, "change_set")["updates"] == 0
+        assert pipeline.writes_of_last_run() == 0
+    assert pipeline.crisp()["n@x.io"]["company"]["metrics"]["employees"] == 12

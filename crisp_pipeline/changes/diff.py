@@ -136,8 +136,12 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
         joined = joined.with_columns(encode_expr(pl.col("new_email")).alias("new:email"),
                                      encode_expr(pl.col("old_email")).alias("old:email"))
 
+    # Crisp cannot clear a number (it takes no empty integer): a null there is left as Crisp
+    # holds it, never planned (it could only be refused, run after run)
+    unclearable = {f for f in fields if crisp_fields.kind_of(f) == crisp_fields.INTEGER}
     differs = {f: (pl.col("new:" + f).ne_missing(pl.col("old:" + f))
-                   & ~(pl.col("old:" + f).is_null() & (pl.col("new:" + f) == JSON_NULL)))
+                   & ~((pl.col("old:" + f).is_null() | pl.lit(f in unclearable))
+                       & (pl.col("new:" + f) == JSON_NULL)))
                for f in fields}
     to_create = {f: pl.col("new:" + f) != JSON_NULL for f in fields}
     if not config.keyed_by_email:
