@@ -231,3 +231,18 @@ def test_a_null_number_is_left_as_crisp_holds_it_and_never_planned(
         assert pipeline.metadata(result, "change_set")["updates"] == 0
         assert pipeline.writes_of_last_run() == 0
     assert pipeline.crisp()["n@x.io"]["company"]["metrics"]["employees"] == 12
+
+
+def test_one_email_crisp_cannot_look_up_never_blocks_the_other_rows(
+        emulator, tmp_path, monkeypatch):
+    """`a/b@x.io` passes the email check, but Crisp answers 404 `not_found` to a lookup by it
+    (a `/` in the path): that row alone fails or syncs, every run, and the others sync."""
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="slash", attributes=["plan"])
+    good = [{"email": f"ok{i}@x.io", "plan": "pro"} for i in range(3)]
+    pipeline.load(good)
+    pipeline.run()
+    for plan in ("team", "enterprise"):  # the odd row arrives alone: it is looked up by email
+        pipeline.load([{"email": "a/b@x.io", "plan": plan}] + [{**g, "plan": plan} for g in good])
+        pipeline.run()
+        assert {e: p["data"]["plan"] for e, p in pipeline.crisp().items()
+                if e.startswith("ok")} == {g["email"]: plan for g in good}

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from crisp_pipeline.changes import fields as crisp_fields
-from crisp_pipeline.crisp import CrispClient, RetryLater, contract
+from crisp_pipeline.crisp import CrispClient, RetryLater, RowRejected, contract
 
 from .profiles import held_values
 
@@ -67,6 +67,11 @@ async def adopt_by_email(client: CrispClient, people: list[tuple[str, str]],
             return await client.get_profile(email)
         except RetryLater as error:
             return error
+        except RowRejected:
+            # Crisp refused this one lookup (an email it cannot take in a path, e.g. with a
+            # `/`): nobody found; the create that follows succeeds or is that row's rejection,
+            # and the other rows go on
+            return None
 
     missing = [email for _, email in people if email not in profiles]
     for email, profile in zip(missing, await asyncio.gather(*(look_up(e) for e in missing)),
@@ -81,6 +86,8 @@ async def adopt_by_email(client: CrispClient, people: list[tuple[str, str]],
             data = await client.get_data(profile["people_id"]) if wants_data else None
         except RetryLater as error:
             return error
+        except RowRejected:  # gone between the two reads: nobody to adopt
+            return None
         created_at = profile.get("created_at")
         return Adopted(identifier, profile["people_id"], str(profile.get("email", email)),
                        held_values(profile, data, fields),
