@@ -152,3 +152,29 @@ def test_a_person_created_between_plan_and_sync_is_adopted_on_people_exists(
     assert len(people) == 1 and people[0]["person"]["nickname"] == "Late"
     assert people[0]["data"] == {"plan": "pro"}
     pipeline.assert_snapshot_matches_crisp()
+
+
+def test_a_create_that_meets_an_existing_person_patches_only_mapped_fields_that_differ(
+        emulator, tmp_path, monkeypatch):
+    """The adoption lookup went unanswered (503s), so the sync creates; Crisp answers
+    people_exists: the person's real name is never overwritten by the create's stand-in
+    nickname, and nothing they already hold is sent again."""
+    from crisp_pipeline.emulator import FaultPlan, ForcedAnswer
+
+    crisp_env(monkeypatch, emulator)
+    people_id = emulator.emulator.store.create(WEBSITE, {
+        "email": "ada@x.io", "person": {"nickname": "Ada Lovelace", "phone": "555"}})
+    config = ActivationConfig(name="exists", segment={"table": "people"},
+                              fields={"person.phone": "phone"}, attributes=["plan"])
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
+    pipeline.load([{"email": "ada@x.io", "phone": "555", "plan": "pro"}])
+    emulator.emulator.set_faults(FaultPlan(forced=[ForcedAnswer(
+        503, "unavailable", method="GET", path_contains="people/profile/ada", times=6)]))
+    pipeline.run()
+    person = pipeline.crisp()["ada@x.io"]
+    assert person["people_id"] == people_id
+    assert person["person"]["nickname"] == "Ada Lovelace" and person["data"] == {"plan": "pro"}
+    profile_patches = [e for e in pipeline.requests_of_last_run()
+                       if e.method == "PATCH" and "people/profile" in e.path]
+    assert profile_patches == []  # the phone was already right
+    pipeline.assert_snapshot_matches_crisp()

@@ -43,7 +43,7 @@ from crisp_pipeline.crisp import contract
 from crisp_pipeline.crisp.contract import Reason
 from crisp_pipeline.crisp.pacing import counting_requests
 
-from .profiles import profile_body
+from .profiles import held_values, profile_body
 
 # a person's status is the worst of their units'; `pending` until a unit of theirs is tried
 STATUS_RANK = {"pending": -1, "ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
@@ -318,8 +318,13 @@ class SyncEngine:
                         "another identifier") from None
                 person.people_id = existing["people_id"]
                 person.origin = self._origin(existing.get("created_at"))
-                patch = {k: v for k, v in body.items() if k != "email"}
-                if sent:
+                # patch only the mapped fields Crisp holds otherwise: never the stand-in
+                # nickname of the create body over a real person's name
+                held = held_values(existing, None, list(self._profile_values(person)))
+                differing = {k: v for k, v in self._profile_values(person).items()
+                             if k != "email" and encode_value(v) != held.get(k)}
+                patch, _ = profile_body(differing)
+                if patch:
                     await self.client.update_profile(person.people_id, patch)
         return Unit("create", [person], send, self._confirm([person], sent))
 
