@@ -199,3 +199,18 @@ def test_each_outcome_counts_the_requests_its_own_unit_sent(emulator, tmp_path, 
     per_unit = outcomes.group_by("unit").agg(pl.col("requests").first())
     assert writes == 64 and per_unit.get_column("requests").sum() == writes
     assert set(per_unit.get_column("requests")) == {1}
+
+
+def test_tiny_and_huge_floats_are_confirmed_as_sent_and_never_sent_again(
+        emulator, tmp_path, monkeypatch):
+    crisp_env(monkeypatch, emulator)
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), ActivationConfig(
+        name="floats", segment={"table": "people"}, attributes=["score"]))
+    values = [2.5e-05, 1e-7, 1.0, 1e22, -0.5, 123456.789, 5e-324]
+    pipeline.load([{"email": f"f{i}@x.io", "score": v} for i, v in enumerate(values)],
+                  schema={"email": pl.String, "score": pl.Float64})
+    pipeline.run()
+    assert {p["email"]: p["data"]["score"] for p in emulator.emulator.people(WEBSITE)} == {
+        f"f{i}@x.io": v for i, v in enumerate(values)}
+    pipeline.run()
+    assert pipeline.writes_of_last_run() == 0

@@ -24,7 +24,27 @@ def encode_expr(expr: pl.Expr) -> pl.Expr:
             .str.strip_prefix('{"v":').str.strip_suffix("}"))
 
 
+class SentFloat(float):
+    """A float read from a change set's JSON, remembering the exact text it was written as
+    (`0.000025`, `1e-7`), so that what is confirmed is what the segment holds, not Python's
+    spelling of the same number (`2.5e-05`, `1e-07`)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> SentFloat:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def decode_sent(text: str) -> Any:
+    """A change set's JSON text, with each float keeping its written form (see SentFloat)."""
+    return json.loads(text, parse_float=SentFloat)
+
+
 def encode_value(value: Any) -> str:
+    if isinstance(value, SentFloat):
+        return value.text
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 

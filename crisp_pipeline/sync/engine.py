@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crisp_pipeline.changes import fields as crisp_fields
-from crisp_pipeline.changes.encode import JSON_NULL, encode_value
+from crisp_pipeline.changes.encode import JSON_NULL, decode_sent, encode_value
 from crisp_pipeline.crisp import BudgetExhausted, CrispClient, RetryLater, RowRejected, StopRun
 from crisp_pipeline.crisp import contract
 from crisp_pipeline.crisp.contract import Reason
@@ -152,8 +152,8 @@ class SyncEngine:
             self._summary = summary
         self._started = time.monotonic()
         people = [Person(r["identifier"], r["op"], r.get("email"), r.get("people_id"),
-                         json.loads(r["new_values"]) if r.get("new_values") else {},
-                         json.loads(r["data_values"]) if r.get("data_values") else None,
+                         decode_sent(r["new_values"]) if r.get("new_values") else {},
+                         decode_sent(r["data_values"]) if r.get("data_values") else None,
                          r.get("old_values"), r.get("reason")) for r in rows]
         self._total = len(people)
         try:
