@@ -139,19 +139,21 @@ def _holding_activation(context: Any, db: DuckDBResource, config: ActivationConf
 
 def _run_active(context: Any):
     """Whether a run is in progress, as this Dagster instance knows it (None: unknown)."""
-    def active(run_id: str) -> bool | None:
-        record = context.instance.get_run_by_id(run_id)
+    def active(holder: str) -> bool | None:
+        record = context.instance.get_run_by_id(holder.split("/")[0])
         return None if record is None else record.status in IN_PROGRESS
     return active
 
 
 def _website_lock(context: Any, db: DuckDBResource, store: StateStore,
-                  options: "CrispRunOptions"):
+                  config: ActivationConfig, options: "CrispRunOptions"):
     """The website's lock (see `state.locks`): a mirror's deletes and adoptions by any
-    activation on the website never overlap."""
+    activation on the website never overlap, even within one run ("Materialize all" runs
+    every activation in one run), so it is held by the run *and* the activation."""
     def hold():
         return locks.holding(_connector(db), locks.website_lock_name(store.website_id or ""),
-                             context.run.run_id, wait_seconds=options.lock_wait_seconds,
+                             f"{context.run.run_id}/{config.name}",
+                             wait_seconds=options.lock_wait_seconds,
                              run_active=_run_active(context))
     return hold
 
@@ -310,7 +312,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                     verdict=current_verdict(store, config),
                     override_guards=crisp_run.override_guards, progress=progress,
                     heartbeat=lambda: locks.heartbeat(_connector(crisp_db), name, run_id),
-                    website_lock=_website_lock(context, crisp_db, store, crisp_run))
+                    website_lock=_website_lock(context, crisp_db, store, config, crisp_run))
             except (GuardRefusal, StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
         return dg.MaterializeResult(metadata={
@@ -419,7 +421,7 @@ class _Preparation:
             report = adopt_new_people(
                 store, config, accepted, rejected, _settings_factory(self.crisp, config),
                 self.crisp.client_options(), _connector(self.crisp_db),
-                _website_lock(self.context, self.crisp_db, store, self.options))
+                _website_lock(self.context, self.crisp_db, store, config, self.options))
         except StopRun as error:
             raise dg.Failure(description=str(error)) from None
         except locks.ActivationLocked as error:
@@ -429,8 +431,7 @@ class _Preparation:
 
     def change_set(self) -> Plan:
         return plan_change_set(self.store, self.config, self.run_id,
-                               override_guards=self.options.override_guards,
-                               dry_run=self.options.dry_run)
+                               override_guards=self.options.override_guards)
 
 
 def _change_set_metadata(store: StateStore, config: ActivationConfig, planned: Plan,

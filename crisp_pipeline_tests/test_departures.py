@@ -66,8 +66,9 @@ def test_rows_naming_nobody_are_new_only_beyond_the_baseline_multiset():
     assert new_unidentified_rows(rows("a", "b", "b", "c"), rows("a", "b")) == [3, 4]
     # one anonymous row left and another appeared (a swap): the newcomer is new
     assert new_unidentified_rows(rows("a", "z"), rows("a", "b")) == [2]
-    # no clean sync yet on this website: nothing to compare with
-    assert new_unidentified_rows(rows("a"), None) == []
+    # no mirror sync has accepted any on this website yet: every one is new
+    assert new_unidentified_rows(rows("a", "b"), None) == [1, 2]
+    assert new_unidentified_rows(rows(), None) == []
 
 
 @pytest.mark.parametrize("policy,origin,elsewhere,expected", [

@@ -291,3 +291,80 @@ def test_a_dry_run_does_not_hide_a_configuration_change_from_the_real_run(
     changes = wider.metadata(result, "crisp_snapshot")["configuration_changes"]
     assert any("data.tier" in change for change in changes), changes
     assert wider.crisp()["a@x.io"]["data"] == {"plan": "pro"}  # the null cleared the key
+
+
+def test_a_blank_email_under_upsert_is_still_held_when_the_activation_becomes_a_mirror(
+        emulator, tmp_path, monkeypatch):
+    rows = [{"email": f"k{i}@x.io", "plan": "pro"} for i in range(6)]
+    upsert = pipeline_for(emulator, tmp_path, monkeypatch, name="switch", attributes=["plan"])
+    upsert.load(rows)
+    upsert.run()
+    upsert.load([{"email": None, "plan": "pro"}] + rows[1:], schema={"email": pl.String,
+                                                                     "plan": pl.String})
+    upsert.run()
+    mirror = pipeline_for(emulator, tmp_path, monkeypatch, name="switch", mode="mirror",
+                          attributes=["plan"], guards=LOOSE, instance=upsert.instance)
+    start = mark(emulator)
+    mirror.run()
+    assert not deletes_since(emulator, start), "k0 deleted on the switch to mirror"
+    assert mirror.metadata(mirror.run(override_guards=True), "crisp_sync")["people_ok"] == 1
+
+
+def test_a_changing_column_the_activation_does_not_read_never_stalls_a_departure(
+        emulator, tmp_path, monkeypatch):
+    schema = {"email": pl.String, "plan": pl.String, "seen_at": pl.Int64}
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="volatile", mode="mirror",
+                            attributes=["plan"], guards=LOOSE)
+    rows = [{"email": f"k{i}@x.io", "plan": "pro", "seen_at": 0} for i in range(6)]
+    pipeline.load(rows + [{"email": None, "plan": "free", "seen_at": 1}], schema=schema)
+    pipeline.run()
+    pipeline.load(rows[:5] + [{"email": None, "plan": "free", "seen_at": 2}], schema=schema)
+    pipeline.run()
+    assert "k5@x.io" not in pipeline.crisp()
+
+
+def test_previews_of_the_change_set_do_not_use_up_the_grace_period(
+        emulator, tmp_path, monkeypatch):
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="preview", mode="mirror",
+                            attributes=["plan"], guards=LOOSE, mirror={"grace_runs": 2})
+    rows = [{"email": f"k{i}@x.io", "plan": "pro"} for i in range(6)]
+    pipeline.load(rows)
+    pipeline.run()
+    pipeline.load(rows[1:])
+    preview = [dg.AssetKey(["preview", step]) for step in ("segment", "crisp_snapshot",
+                                                           "change_set")]
+    for _ in range(2):
+        assert pipeline.job.execute_in_process(instance=pipeline.instance,
+                                               asset_selection=preview).success
+    pipeline.run()  # the first sync with k0 absent: grace
+    assert "k0@x.io" in pipeline.crisp()
+    pipeline.run()
+    assert "k0@x.io" not in pipeline.crisp()
+
+
+def test_a_state_file_of_the_first_fix_upgrades(emulator, tmp_path, monkeypatch):
+    """The `configuration` table of the first version of this fix had no `dry_run` column."""
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="upgrade", attributes=["plan"])
+    pipeline.load([{"email": "a@x.io", "plan": "pro"}])
+    pipeline.run()
+    with duckdb.connect(pipeline.db_path) as connection:
+        connection.execute("alter table crisp_upgrade.configuration drop column dry_run")
+    pipeline.load([{"email": "a@x.io", "plan": "team"}])
+    pipeline.run()
+    assert pipeline.crisp()["a@x.io"]["data"] == {"plan": "team"}
+
+
+def test_the_website_lock_excludes_two_activations_of_one_run(tmp_path):
+    """"Materialize all" runs every activation in one run: a mirror deleting and another
+    activation adopting on the same website still exclude each other."""
+    from crisp_pipeline.state import locks
+    from crisp_pipeline.state.store import connect_file
+
+    connect = connect_file(str(tmp_path / "w.duckdb"))
+    name = locks.website_lock_name("w")
+    with locks.holding(connect, name, "run-1/mirror_a", wait_seconds=0):
+        try:
+            with locks.holding(connect, name, "run-1/upsert_b", wait_seconds=0.2):
+                raise AssertionError("both activations held the website at once")
+        except locks.ActivationLocked as refused:
+            assert "locked by run run-1/mirror_a" in str(refused)

@@ -8,8 +8,8 @@ then decided in this order:
    email, an invalid email) is still a person, and may be the one who seems to have left.
    Only *new* ambiguity holds deletions, so that rows which never had an identifier do not
    stall mirror forever: a row naming nobody is *new* when no row naming nobody at the last
-   sync that held nothing had exactly the same values in every column the source returns
-   (compared by fingerprint, as a multiset). While there is a new one, every departure is held
+   mirror sync that held nothing had exactly the same values in every column the activation
+   reads (a multiset; with no such sync yet on the website, every such row is new). While there is a new one, every departure is held
    (any of them may be that row; a row that lost its identifier while another gained one is
    new too). Held departures are skips with reason `departure_held` naming the rows; they are
    planned again next run. A run that overrides its guards lets them go ahead.
@@ -108,9 +108,12 @@ def decide(departed: pl.DataFrame, policy: MirrorPolicy,
 
 def new_unidentified_rows(current: pl.DataFrame, baseline: pl.DataFrame | None) -> list[int]:
     """The rows of `current` (row_number, fingerprint) beyond what `baseline` (fingerprint)
-    held, counting each fingerprint as often as it occurs (None: no baseline yet)."""
-    if baseline is None or current.is_empty():
+    held, counting each fingerprint as often as it occurs (None: no mirror sync has accepted
+    any yet, so every row naming nobody is new)."""
+    if current.is_empty():
         return []
+    if baseline is None:
+        return current.get_column("row_number").sort().to_list()
     seen = baseline.group_by("fingerprint").len("seen")
     return (current.sort("row_number")
             .with_columns(pl.int_range(pl.len()).over("fingerprint").alias("nth"))

@@ -198,11 +198,11 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
     if config.keyed_by_email:
         names_nobody = names_nobody | (pl.col("reason") == "invalid_email")
     nobody = rejected.filter(names_nobody).select(pl.col(ROW).alias(_ROW)).unique()
-    # a fingerprint of every column the source returned, to tell a row seen before from a
-    # new one (changes.departures)
+    # the row's values in every column the activation reads, to tell a row seen before from a
+    # new one (changes.departures); JSON text: exact, and stable across library versions
     unidentified = frame.join(nobody, on=_ROW, how="semi").select(
         pl.col(_ROW).alias(ROW),
-        pl.struct(raw.columns).hash().cast(pl.String).alias("fingerprint"))
+        pl.struct(config.source_columns).struct.json_encode().alias("fingerprint"))
     return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,
                              source_rows=raw.height)
 

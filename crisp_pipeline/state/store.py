@@ -386,8 +386,11 @@ class StateStore:
         with self._session(writing=False) as connection:
             if not self._exists(connection, "configuration"):
                 return None
+            order = ("dry_run, recorded_at desc"
+                     if "dry_run" in self._columns(connection, "configuration")
+                     else "recorded_at desc")  # a table from before dry runs were told apart
             row = connection.execute(f"select configuration from {self.table('configuration')} "
-                                     "order by dry_run, recorded_at desc limit 1").fetchone()
+                                     f"order by {order} limit 1").fetchone()
         return json.loads(row[0]) if row else None
 
     def record_configuration(self, configuration: dict, changes: list[str], run_id: str,
@@ -417,37 +420,50 @@ class StateStore:
             if self._exists(connection, "absences"):
                 connection.execute(f"delete from {self.table('absences')}")
 
-    def write_absences(self, absences: pl.DataFrame) -> None:
-        """This website's absent people, as of this run (replacing the previous list)."""
+    def plan_absences(self, absences: pl.DataFrame, run_id: str) -> None:
+        """Who is absent as of this run's change set; they become the absences only when this
+        run's sync applies it (`confirm_absences`), so that previews and refused runs never
+        count towards a grace period."""
         with self._transaction() as connection:
+            self._replace(connection, "absences_planned",
+                          absences.cast(ABSENCE_SCHEMA).with_columns(
+                              pl.lit(run_id).alias("run_id")))
+
+    def confirm_absences(self, run_id: str) -> None:
+        """This website's absent people, as this run's change set planned them."""
+        with self._transaction() as connection:
+            if not self._exists(connection, "absences_planned"):
+                return
             if self._exists(connection, "absences"):
                 connection.execute(f"delete from {self.table('absences')} where website_id = ?",
                                    [self._website()])
-            self._append(connection, "absences", absences.cast(ABSENCE_SCHEMA))
+            planned = connection.execute(
+                f"select * exclude (run_id) from {self.table('absences_planned')} where "
+                "run_id = ?", [run_id]).pl().cast(ABSENCE_SCHEMA)
+            self._append(connection, "absences", planned)
 
     def unidentified_baseline(self) -> pl.DataFrame | None:
-        """The fingerprints of the rows naming nobody at the last sync that held no departure
-        (None: no such sync on this website yet): rows beyond those are new ambiguity."""
+        """The fingerprints of the rows naming nobody at the last mirror sync of this website
+        that held no departure (None: none yet): rows beyond those are new ambiguity."""
         with self._session(writing=False) as connection:
             if not self._exists(connection, "unidentified_baseline"):
                 return None
-            frame = connection.execute(
-                f"select fingerprint, website_id from {self.table('unidentified_baseline')} "
-                "where website_id = ?", [self._website()]).pl()
-            known = (self._exists(connection, "runs")
-                     and "website_id" in self._columns(connection, "runs")
-                     and connection.execute(
-                         f"select count(*) from {self.table('runs')} where website_id = ? "
-                         "and not dry_run", [self._website()]).fetchone()[0])
-        return frame.select("fingerprint") if known else None
+            table = self.table("unidentified_baseline")
+            if not connection.execute(f"select count(*) from {table} where website_id = ? and "
+                                      "fingerprint is null", [self._website()]).fetchone()[0]:
+                return None
+            return connection.execute(f"select fingerprint from {table} where website_id = ? "
+                                      "and fingerprint is not null", [self._website()]).pl()
 
     def accept_unidentified(self) -> None:
-        """This run's rows naming nobody become the baseline (a sync that held nothing)."""
+        """This run's rows naming nobody become the baseline (a mirror sync that held
+        nothing); a row with a null fingerprint marks that the website has one."""
         with self._transaction() as connection:
             table = self.table("unidentified_baseline")
             connection.execute(f"create table if not exists {table} (website_id varchar, "
                                "fingerprint varchar)")
             connection.execute(f"delete from {table} where website_id = ?", [self._website()])
+            connection.execute(f"insert into {table} values (?, null)", [self._website()])
             if self._exists(connection, "unidentified"):
                 connection.execute(f"insert into {table} select ?, fingerprint from "
                                    f"{self.table('unidentified')}", [self._website()])

@@ -197,7 +197,7 @@ class Plan:
 
 
 def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
-                    override_guards: bool, dry_run: bool) -> Plan:
+                    override_guards: bool) -> Plan:
     """Diff the segment and the snapshot, decide mirror's departures, keep the change set."""
     accepted, rejected = store.read_segment()
     fields = list(config.managed_columns)
@@ -214,9 +214,9 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
             override_guards=override_guards, now=now())
     planned = plan_changes(accepted, rejected, snapshot, config, context)
     store.write_change_set(planned.change_set, run_id)
-    if not dry_run:  # who is absent now (nobody, outside mirror): streaks do not carry over
-        store.write_absences(planned.absences if planned.absences is not None
-                             else pl.DataFrame(schema=ABSENCE_SCHEMA))
+    # who is absent now (nobody, outside mirror); kept once this run's sync applies it
+    store.plan_absences(planned.absences if planned.absences is not None
+                        else pl.DataFrame(schema=ABSENCE_SCHEMA), run_id)
     return Plan(planned, current_verdict(store, config))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.changes.departures import HELD
 from crisp_pipeline.changes.guards import GuardVerdict
 from crisp_pipeline.crisp import CrispSettings
@@ -141,8 +141,10 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         "unidentified_rows": store.count("unidentified"),
         "held_departures": held,
     })
-    if not dry_run and report.summary.stopped is None and not held:
-        store.accept_unidentified()
+    if not dry_run:
+        store.confirm_absences(run_id)
+        if config.mode == Mode.MIRROR and report.summary.stopped is None and not held:
+            store.accept_unidentified()
     if report.summary.stopped is not None:
         raise report.summary.stopped
     return report
