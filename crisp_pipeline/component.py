@@ -267,8 +267,11 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                                    source(crisp_db))
             prepare.through("crisp_snapshot")
             planned = prepare.change_set()
-        return dg.MaterializeResult(metadata=_change_set_metadata(
-            store, config, planned, crisp.budget_left(_connector(crisp_db))))
+        return dg.MaterializeResult(metadata={
+            **_change_set_metadata(store, config, planned,
+                                   crisp.budget_left(_connector(crisp_db))),
+            "configuration_changes": dg.MetadataValue.json(
+                store.configuration_changes(context.run.run_id))})
 
     @dg.asset_check(asset=key("change_set"), blocking=True, name="mirror_guards",
                     description="Mirror refuses an empty segment and deletions beyond "

@@ -288,8 +288,9 @@ def test_a_dry_run_does_not_hide_a_configuration_change_from_the_real_run(
                          attributes=["plan", "tier"], instance=pipeline.instance)
     wider.run(dry_run=True)
     result = wider.run()
-    changes = wider.metadata(result, "crisp_snapshot")["configuration_changes"]
-    assert any("data.tier" in change for change in changes), changes
+    for asset in ("crisp_snapshot", "change_set"):  # where the plan and its cost are read
+        changes = wider.metadata(result, asset)["configuration_changes"]
+        assert any("data.tier" in change for change in changes), (asset, changes)
     assert wider.crisp()["a@x.io"]["data"] == {"plan": "pro"}  # the null cleared the key
 
 

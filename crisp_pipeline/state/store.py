@@ -393,6 +393,15 @@ class StateStore:
                                      f"order by {order} limit 1").fetchone()
         return json.loads(row[0]) if row else None
 
+    def configuration_changes(self, run_id: str) -> list[str]:
+        """The configuration changes run `run_id` found (for the change set's metadata)."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "configuration"):
+                return []
+            rows = connection.execute(f"select changes from {self.table('configuration')} "
+                                      "where run_id = ?", [run_id]).fetchall()
+        return [change for row in rows for change in (row[0] or [])]
+
     def record_configuration(self, configuration: dict, changes: list[str], run_id: str,
                              dry_run: bool) -> None:
         with self._transaction() as connection:
