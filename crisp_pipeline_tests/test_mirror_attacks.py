@@ -7,10 +7,7 @@ files from the previous version, and a dry run hiding a configuration change."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import dagster as dg
