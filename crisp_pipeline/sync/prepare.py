@@ -81,6 +81,12 @@ def apply_configuration_changes(store: StateStore, config: ActivationConfig, run
     return changes
 
 
+def source_identifiers(accepted: pl.DataFrame, rejected: pl.DataFrame) -> pl.Series:
+    """Every identifier the source names, in accepted and rejected rows alike."""
+    return pl.concat([accepted.get_column("identifier"),
+                      rejected.get_column("identifier")]).drop_nulls()
+
+
 def rekey_moved_people(store: StateStore, accepted: pl.DataFrame, rejected: pl.DataFrame) -> int:
     """A new identifier whose email is a managed person's, whose own identifier is no longer
     in the source, is that person under a new identifier (the identifier configuration or
@@ -88,15 +94,15 @@ def rekey_moved_people(store: StateStore, accepted: pl.DataFrame, rejected: pl.D
     keys = store.snapshot_keys()
     if keys.is_empty() or accepted.is_empty():
         return 0
-    in_source = pl.concat([accepted.get_column("identifier"),
-                           rejected.get_column("identifier")]).drop_nulls()
-    free = (keys.filter(~pl.col("identifier").is_in(in_source.implode()))
-            .select(pl.col("identifier").alias("old_identifier"),
-                    pl.col("email").str.to_lowercase().alias("key")))
-    new = (accepted.filter(~pl.col("identifier").is_in(keys.get_column("identifier").implode()))
-           .select(pl.col("identifier").alias("new_identifier"),
-                   pl.col("email").str.to_lowercase().alias("key")))
-    moves = (free.join(new, on="key", how="inner")
+    named = source_identifiers(accepted, rejected).implode()
+    unnamed_people = (keys.filter(~pl.col("identifier").is_in(named))
+                      .select(pl.col("identifier").alias("old_identifier"),
+                              pl.col("email").str.to_lowercase().alias("email_key")))
+    arrivals = (accepted.filter(~pl.col("identifier").is_in(keys.get_column("identifier")
+                                                            .implode()))
+                .select(pl.col("identifier").alias("new_identifier"),
+                        pl.col("email").str.to_lowercase().alias("email_key")))
+    moves = (unnamed_people.join(arrivals, on="email_key", how="inner")
              .unique("old_identifier", keep="none").unique("new_identifier", keep="none"))
     return store.rekey(moves)
 
@@ -147,8 +153,7 @@ def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.D
     with website_lock():
         result = asyncio.run(look_up())
         holder_of = dict(keys.select("people_id", "identifier").iter_rows())
-        in_source = set(pl.concat([accepted.get_column("identifier"),
-                                   rejected.get_column("identifier")]).drop_nulls().to_list())
+        in_source = set(source_identifiers(accepted, rejected).to_list())
         adopted = [a for a in result.adopted if a.people_id not in holder_of]
         moved = [a for a in result.adopted
                  if a.people_id in holder_of and holder_of[a.people_id] not in in_source]
@@ -223,10 +228,8 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
 def _departed_people_ids(snapshot: pl.DataFrame, accepted: pl.DataFrame,
                          rejected: pl.DataFrame) -> list[str]:
     """Managed people whose identifier is not in the source (a superset of the departed)."""
-    in_source = pl.concat([accepted.get_column("identifier"),
-                           rejected.get_column("identifier")]).drop_nulls().implode()
-    return snapshot.filter(~pl.col("identifier").is_in(in_source)).get_column(
-        "people_id").to_list()
+    named = source_identifiers(accepted, rejected).implode()
+    return snapshot.filter(~pl.col("identifier").is_in(named)).get_column("people_id").to_list()
 
 
 def current_verdict(store: StateStore, config: ActivationConfig) -> GuardVerdict:
