@@ -3,9 +3,10 @@
 `op` is one of:
 - `create`: in the segment, not managed yet (upsert, mirror) — every non-null field is sent;
 - `update`: managed and at least one field differs — only the differing fields are sent;
-- `delete`: mode mirror, a managed person no row of the source reaches any more (neither by
-  identifier nor by email, accepted or rejected: a failed row must not become a deletion),
-  decided by `departures` (which may also hold or release them);
+- `delete`: mode mirror, a managed person no row of the source reaches any more: not by
+  identifier (accepted or rejected: a failed row must not become a deletion), nor by email on
+  a row not itself managed under another identifier; decided by `departures` (which may
+  also hold or release them);
 - `release`: mirror stops managing a departed person and leaves them in Crisp (no request);
 - `skip`: nothing will be sent, and `reason` says why (`not_in_crisp` in update_only mode,
   `email_taken` when a new row's email is a managed person's who is still in the source,
@@ -23,9 +24,9 @@ UNCONFIRMED (added to the configuration since the last run) is written whatever 
 
 from __future__ import annotations
 
-import polars as pl
-
 from dataclasses import dataclass
+
+import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.crisp import contract
