@@ -88,6 +88,23 @@ class MirrorPolicy(_Model):
     grace_hours: Annotated[float, Field(ge=0)] = 0.0
 
 
+class ReconcilePolicy(_Model):
+    """How much a run may spend re-reading Crisp to correct its snapshot (people deleted or
+    edited in Crisp behind our back), oldest-verified people first.
+
+    A person is due once `verify_every_hours` have passed since Crisp last showed them to us
+    (a read, or an answer about that very person). A run spends at most `budget_share` of the
+    requests the token has left today on due people, and never more than `max_requests` (0 in
+    either turns the rolling reconcile off; a full reconcile asked for in the run config or
+    the CLI reads everyone, due or not). Listing the website costs about one request per 50
+    people; reading a person's people data costs one each.
+    """
+
+    verify_every_hours: Annotated[float, Field(ge=0)] = 24.0
+    budget_share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    max_requests: Annotated[int, Field(ge=0)] = 500
+
+
 class Attribute(_Model):
     """A column written as Crisp people data, optionally under another key."""
 
@@ -118,6 +135,7 @@ class ActivationConfig(_Model):
     schedule: str | None = None
     guards: Guards = Field(default_factory=Guards)
     mirror: MirrorPolicy = Field(default_factory=MirrorPolicy)
+    reconcile: ReconcilePolicy = Field(default_factory=ReconcilePolicy)
     order: tuple[Phase, Phase, Phase] = Field(
         default=("delete", "update", "create"),
         description="The order in which a run spends its requests; when the daily budget "

@@ -110,6 +110,7 @@ def plan(activation: str, db: str | None, batch_size: int | None) -> None:
     from crisp_pipeline.crisp.config import daily_quota_from_env
     from crisp_pipeline.state.budget import remaining_today
     from crisp_pipeline.state.store import StateStore, connect_file
+    from crisp_pipeline.sync.reconcile import full_reconcile_cost
 
     connect = connect_file(_db_path(db))
     store = StateStore(connect, f"crisp_{activation}")
@@ -121,8 +122,65 @@ def plan(activation: str, db: str | None, batch_size: int | None) -> None:
     options = {"batch_size": batch_size} if batch_size else {}
     figures = request_plan(changes, daily_quota=quota, **options,
                            budget_left=remaining_today(connect, token, quota) if token else None)
+    stored = store.stored_configuration() or {}
+    if stored.get("website_id"):
+        figures["full_reconcile"] = full_reconcile_cost(
+            StateStore(connect, f"crisp_{activation}", stored["website_id"]),
+            list(stored.get("fields", {})))
     click.echo(json.dumps({"activation": activation, "people": counts_by_op(changes),
                            "plan": figures}, indent=2))
+
+
+@main.command()
+@click.argument("activation")
+@click.option("--db", default=None, help="DuckDB file holding the state.")
+@click.option("--full", is_flag=True,
+              help="Re-read every managed person, not only those due within the allowance.")
+@click.option("--max-requests", default=500, show_default=True, type=int,
+              help="Without --full: the most requests to spend (and at most a tenth of "
+              "what the token has left today).")
+def reconcile(activation: str, db: str | None, full: bool, max_requests: int) -> None:
+    """Re-read ACTIVATION's people in Crisp now and correct its snapshot: people deleted in
+    Crisp are forgotten (the next run re-creates or skips them), fields and emails edited in
+    Crisp are noted (the next run writes the source's values back). Uses the configuration
+    the last run kept and the CRISP_* variables; holds the activation's lock meanwhile."""
+    import dataclasses
+    import json
+    import os
+    import uuid
+
+    from crisp_pipeline.activation import ReconcilePolicy
+    from crisp_pipeline.crisp import CrispSettings, SettingsError, StopRun
+    from crisp_pipeline.state import locks
+    from crisp_pipeline.state.store import StateStore, connect_file
+    from crisp_pipeline.sync.client import ClientOptions
+    from crisp_pipeline.sync.reconcile import reconcile_snapshot
+
+    connect = connect_file(_db_path(db))
+    stored = StateStore(connect, f"crisp_{activation}").stored_configuration()
+    if stored is None:
+        raise click.ClickException(f"no state for {activation!r} yet: run it once first")
+    try:
+        settings = CrispSettings.from_env()
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+    if stored.get("website_id") and stored["website_id"] != os.environ.get("CRISP_WEBSITE_ID"):
+        settings = dataclasses.replace(settings, website_id=stored["website_id"])
+    store = StateStore(connect, f"crisp_{activation}", settings.website_id)
+    run_id = f"cli-reconcile-{uuid.uuid4()}"
+    try:
+        locks.acquire(connect, activation, run_id, wait_seconds=0)
+    except locks.ActivationLocked as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        report = reconcile_snapshot(store, list(stored["fields"]),
+                                    ReconcilePolicy(verify_every_hours=0, max_requests=max_requests),
+                                    run_id, lambda: settings, ClientOptions(), connect, full=full)
+    except StopRun as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        locks.release(connect, activation, run_id)
+    click.echo(json.dumps({"activation": activation, **report.as_metadata()}, indent=2))
 
 
 @main.command()

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 from dagster_duckdb import DuckDBResource
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.changes.diff import counts_by_op
@@ -32,6 +33,7 @@ from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
     AdoptionReport, Plan, adopt_new_people, apply_configuration_changes, current_verdict,
     plan_change_set, rekey_moved_people, stage_segment)
+from crisp_pipeline.sync.reconcile import ReconcileReport, full_reconcile_cost, reconcile_snapshot
 from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
 
@@ -52,13 +54,17 @@ class CrispResource(dg.ConfigurableResource):
 
     max_in_flight: int = 16
     requests_per_second: float | None = None
+    request_deadline_seconds: float = Field(
+        default=30.0, gt=0, description="The longest one request may take, answer included, "
+        "however slowly it trickles in (then it is retried or deferred).")
 
     def settings(self, website_id: str | None = None) -> CrispSettings:
         settings = CrispSettings.from_env()
         return dataclasses.replace(settings, website_id=website_id) if website_id else settings
 
-    def client_options(self) -> ClientOptions:
-        return ClientOptions(self.max_in_flight, self.requests_per_second)
+    def client_options(self, deadline: float | None = None) -> ClientOptions:
+        return ClientOptions(self.max_in_flight, self.requests_per_second,
+                             self.request_deadline_seconds, deadline)
 
     def budget_left(self, connect) -> int | None:
         """Today's requests left for the configured token (no secret needed)."""
@@ -73,6 +79,13 @@ class CrispRunOptions(dg.ConfigurableResource):
     dry_run: bool = False
     override_guards: bool = False
     lock_wait_seconds: float = 120.0
+    sync_deadline_minutes: float | None = Field(
+        default=None, gt=0, description="How long the sync may send; past it, what was not "
+        "sent is deferred to the next run (recorded as `deferred`, reason `deadline`).")
+    full_reconcile: bool = Field(
+        default=False, description="Re-read every managed person in Crisp this run (its cost "
+        "is in the change set's `request_plan` as `full_reconcile`), instead of the share of "
+        "the day's budget the activation's `reconcile` settings allow.")
 
 
 def pipeline_db(path: str | None = None) -> DuckDBResource:
@@ -87,6 +100,11 @@ def default_resources(db_path: str | None = None) -> dict[str, Any]:
             "crisp_run": CrispRunOptions()}
 
 
+class StateUnavailableFailure(dg.Failure, StateUnavailable):
+    """The state file cannot be opened: a step failure for Dagster, and still a
+    `StateUnavailable` for the code that can wait it out (the budget, the sync's recording)."""
+
+
 def _connector(db: DuckDBResource):
     """Connections to the resource's DuckDB file, opened as `state.store.open_duckdb` does
     (waiting out another writer's lock, failing at once on anything else) and always closed."""
@@ -98,7 +116,7 @@ def _connector(db: DuckDBResource):
             with connect() as connection:
                 yield connection
         except StateUnavailable as error:
-            raise dg.Failure(description=str(error)) from None
+            raise StateUnavailableFailure(description=str(error)) from None
     return guarded
 
 
@@ -241,9 +259,14 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
                                    source(crisp_db))
             prepare.through("segment")
-            changes, rekeyed, report = prepare.snapshot()
+            changes, rekeyed, report, reconciled = prepare.snapshot()
         for change in changes:
             context.log.warning(f"{name}: configuration change: {change}")
+        if reconciled.gone or reconciled.edited:
+            context.log.warning(
+                f"{name}: reconcile found {reconciled.gone} people gone from Crisp and "
+                f"{reconciled.edited} edited there (table `drift`); the change set puts "
+                "them back as the source says")
         return dg.MaterializeResult(metadata={
             "dagster/row_count": store.count("snapshot"),
             "dagster/table_name": f"{config.state_schema}.snapshot",
@@ -252,7 +275,8 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             "rekeyed": rekeyed, "looked_up": report.looked_up, "adopted": report.adopted,
             "adoption_conflicts": report.conflicts,
             "lookups_unanswered": report.unanswered, "lookup_method": report.method,
-            "requests_sent": report.stats.sent,
+            "requests_sent": report.stats.sent + reconciled.stats.sent,
+            "reconcile": dg.MetadataValue.json(reconciled.as_metadata()),
         })
 
     @dg.asset(key=key("change_set"), deps=[crisp_snapshot], kinds={"polars", "duckdb"},
@@ -309,9 +333,12 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                                    source(crisp_db))
             recomputed = prepare.through("change_set")
             try:
+                deadline = (time.monotonic() + crisp_run.sync_deadline_minutes * 60
+                            if crisp_run.sync_deadline_minutes else None)
                 report = apply_change_set(
                     store, config, run_id, _settings_factory(crisp, config),
-                    crisp.client_options(), _connector(crisp_db), dry_run=crisp_run.dry_run,
+                    crisp.client_options(deadline), _connector(crisp_db),
+                    dry_run=crisp_run.dry_run,
                     verdict=current_verdict(store, config),
                     override_guards=crisp_run.override_guards, progress=progress,
                     heartbeat=lambda: locks.heartbeat(_connector(crisp_db), name, run_id),
@@ -410,8 +437,9 @@ class _Preparation:
                 self.change_set()
         return redo
 
-    def snapshot(self) -> tuple[list[str], int, AdoptionReport]:
-        """Configuration changes, re-keyed people, then adoption of the people still unknown."""
+    def snapshot(self) -> tuple[list[str], int, AdoptionReport, ReconcileReport]:
+        """Configuration changes, re-keyed people, adoption of the people still unknown, then
+        a reconcile of the people managed (within its allowance, or in full when asked)."""
         store, config = self.store, self.config
         if not store.website_id:
             raise dg.Failure(description=f"activation {config.name!r}: no Crisp website: set "
@@ -429,8 +457,16 @@ class _Preparation:
             raise dg.Failure(description=str(error)) from None
         except locks.ActivationLocked as error:
             raise dg.Failure(description=str(error)) from None
+        try:
+            reconciled = reconcile_snapshot(
+                store, list(config.managed_columns), config.reconcile, self.run_id,
+                _settings_factory(self.crisp, config),
+                self.crisp.client_options(), _connector(self.crisp_db),
+                full=self.options.full_reconcile)
+        except StopRun as error:
+            raise dg.Failure(description=str(error)) from None
         store.mark_stage("snapshot", self.run_id)
-        return changes, rekeyed + report.rekeyed, report
+        return changes, rekeyed + report.rekeyed, report, reconciled
 
     def change_set(self) -> Plan:
         return plan_change_set(self.store, self.config, self.run_id,
@@ -443,6 +479,7 @@ def _change_set_metadata(store: StateStore, config: ActivationConfig, planned: P
     counts = counts_by_op(changes)
     plan = request_plan(changes, batch_size=config.batch_size,
                         daily_quota=daily_quota_from_env(), budget_left=budget_left)
+    plan["full_reconcile"] = full_reconcile_cost(store, list(config.managed_columns))
     return {
         "dagster/row_count": changes.height,
         "dagster/column_schema": _column_schema(changes),
@@ -533,6 +570,7 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
     schedule: str | None = None
     guards: dict[str, float] = {}
     mirror: dict[str, str | bool | float] = {}
+    reconcile: dict[str, float] = {}
     order: list[str] | None = None
     batch_size: int | None = None
 
@@ -543,7 +581,7 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
 
     def activation(self) -> ActivationConfig:
         values = self.model_dump(exclude_none=True)
-        for section in ("guards", "mirror"):
+        for section in ("guards", "mirror", "reconcile"):
             if not values.get(section):
                 values.pop(section, None)
         return ActivationConfig.model_validate(values)

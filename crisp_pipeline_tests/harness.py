@@ -9,6 +9,7 @@ import pytest
 
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.component import build_activation_defs, default_resources
+from crisp_pipeline.changes.encode import same_value
 from crisp_pipeline.emulator import RunningEmulator
 from crisp_pipeline.state.store import StateStore, connect_file
 from crisp_pipeline.sync.profiles import held_values
@@ -53,12 +54,13 @@ class Pipeline:
             connection.close()
 
     def run(self, *, dry_run: bool = False, override_guards: bool = False,
-            expect_success: bool | None = True) -> dg.ExecuteInProcessResult:
+            expect_success: bool | None = True, **options: object
+            ) -> dg.ExecuteInProcessResult:
         self._log_mark = len(self.emulator.emulator.requests())
         result = self.job.execute_in_process(
             instance=self.instance, raise_on_error=False,
             run_config={"resources": {"crisp_run": {"config": {
-                "dry_run": dry_run, "override_guards": override_guards}}}})
+                "dry_run": dry_run, "override_guards": override_guards, **options}}}})
         if expect_success is not None:
             assert result.success is expect_success, self.failure_text(result)
         return result
@@ -91,9 +93,9 @@ class Pipeline:
             assert person is not None, f"snapshot claims {row['identifier']}, Crisp has no such person"
             held = held_values(person, person["data"], self.fields)
             for field in self.fields:
-                if row[field] is not None:
-                    assert row[field] == held[field], (row["identifier"], field, row[field],
-                                                       held[field])
+                if row[field] is not None:  # the same value for Crisp (numbers: doubles)
+                    assert same_value(row[field], held[field]), (
+                        row["identifier"], field, row[field], held[field])
 
     def metadata(self, result: dg.ExecuteInProcessResult, asset: str) -> dict:
         materializations = result.asset_materializations_for_node(f"{self.config.name}__{asset}")

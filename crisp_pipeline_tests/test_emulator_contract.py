@@ -281,6 +281,20 @@ def test_search_filters_text_and_sorting(http):
     ordered = http.get("people/profiles/1", params={"sort_field": "person.nickname",
                                                     "sort_order": "descending"}).json()["data"]
     assert [p["person"]["nickname"] for p in ordered] == ["Cid", "Bob", "Ann"]
+    # Crisp's search field names (CONTRACT.md §3.1: `sort_field=nickname`), people data,
+    # numbers in numeric order; an unknown field is refused, not silently ignored
+    def order(sort_field: str, sort_order: str = "ascending") -> list[str]:
+        response = http.get("people/profiles/1", params={"sort_field": sort_field,
+                                                         "sort_order": sort_order})
+        assert response.status_code == 200, response.text
+        return [p["email"] for p in response.json()["data"]]
+    assert order("nickname", "descending") == ["cid@x.io", "bob@y.io", "ann@x.io"]
+    assert order("nickname") == ["ann@x.io", "bob@y.io", "cid@x.io"]
+    http.patch("people/data/cid@x.io", json={"data": {"mrr": 9}})
+    assert order("data.mrr") == ["bob@y.io", "cid@x.io", "ann@x.io"]  # 0 < 9 < 50
+    assert order("email", "descending") == ["cid@x.io", "bob@y.io", "ann@x.io"]
+    assert_error(http.get("people/profiles/1", params={"sort_field": "nicknam"}), 400,
+                 "invalid_data")
     assert emails(filter_date_start="2000-01-01T00:00:00+00:00") == [
         "ann@x.io", "bob@y.io", "cid@x.io"]
     assert emails(filter_date_end="2000-01-01T00:00:00+00:00") == []
@@ -495,3 +509,15 @@ def test_state_persists_across_restarts_and_ids_are_deterministic(tmp_path):
     with start_in_thread(config()) as running:  # same seed, same ids
         assert create(running, "kept@x.io")["people_id"] == first
         assert create(running, "next@x.io")["people_id"] == second
+
+
+def test_numbers_are_kept_as_javascript_keeps_them(http):
+    """Crisp runs on JavaScript: `1.0` and `1` are one number, an integer beyond 2**53 is
+    rounded (contract.JSON_NUMBERS_ARE_DOUBLES)."""
+    add(http, "num@x.io", "Num")
+    http.patch("people/data/num@x.io", content=b'{"data": {"a": 1.0, "b": 9007199254740993, '
+               b'"c": 2.5e-05, "d": 1e21}}', headers={"Content-Type": "application/json"})
+    held = http.get("people/data/num@x.io").json()["data"]["data"]
+    assert held == {"a": 1, "b": 9007199254740992, "c": 2.5e-05, "d": 1e21}
+    raw = http.get("people/data/num@x.io").text
+    assert '"a":1,' in raw.replace(" ", "") and '"b":9007199254740992' in raw.replace(" ", "")

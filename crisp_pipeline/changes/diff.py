@@ -97,7 +97,7 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
     """The change set; for a mirror, `departures` decides the fate of people who left (without
     it, every departure is a deletion: for benchmarks and tests of the diff alone)."""
     fields = list(config.managed_columns)
-    fingerprinted = fields if config.keyed_by_email else [*fields, EMAIL]
+    fingerprinted = [*fields, EMAIL]
     # 1. who differs at all: a join of identifiers and fingerprints only
     keys = (segment.lazy().select(IDENTIFIER, _row_hash(fingerprinted).alias("h_new"))
             .with_row_index("i_new")
@@ -132,10 +132,10 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
                              | pl.col("old_email").str.to_lowercase().is_in(source_emails)
                              ).alias("reached"),
                             pl.col("new_email").is_in(managed_emails).alias("email_taken")))
-    if not config.keyed_by_email:
-        # under an external id, a changed email is written like a field (never on create)
-        joined = joined.with_columns(encode_expr(pl.col("new_email")).alias("new:email"),
-                                     encode_expr(pl.col("old_email")).alias("old:email"))
+    # a changed email is written like a field (never on create): under an external id when
+    # the source changes it; keyed by email when Crisp's was edited (found by reconcile)
+    joined = joined.with_columns(encode_expr(pl.col("new_email")).alias("new:email"),
+                                 encode_expr(pl.col("old_email")).alias("old:email"))
 
     # Crisp cannot clear a number (it takes no empty integer): a null there is left as Crisp
     # holds it, never planned (it could only be refused, run after run)
@@ -145,9 +145,8 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
                        & (pl.col("new:" + f) == JSON_NULL)))
                for f in fields}
     to_create = {f: pl.col("new:" + f) != JSON_NULL for f in fields}
-    if not config.keyed_by_email:
-        differs["email"] = (pl.col("old_email").is_not_null()
-                            & pl.col("new:email").ne_missing(pl.col("old:email")))
+    differs["email"] = (pl.col("old_email").is_not_null()
+                        & pl.col("new:email").ne_missing(pl.col("old:email")))
     compared = list(differs)
     no_fields = pl.lit([], pl.List(pl.String))
     known, listed = pl.col("in_snapshot"), pl.col("in_segment")

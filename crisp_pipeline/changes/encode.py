@@ -48,6 +48,33 @@ def encode_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _as_crisp_holds(value: Any) -> Any:
+    """A decoded value as Crisp (JavaScript) holds it: every number a double, so that `1`,
+    `1.0` and `1e0` are one value."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list):
+        return [_as_crisp_holds(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_crisp_holds(item) for key, item in value.items()}
+    return value
+
+
+def same_value(ours: str | None, held: str | None) -> bool:
+    """Whether the JSON text we confirmed and the JSON text of what Crisp holds are the same
+    value for Crisp. Reading a person back must not turn `0.000025` into a change because
+    Crisp spells it `2.5e-05`, nor `1.0` because Crisp answers `1`."""
+    if ours == held:
+        return True
+    if ours is None or held is None:
+        return False
+    try:
+        return _as_crisp_holds(json.loads(ours)) == _as_crisp_holds(json.loads(held))
+    except ValueError:
+        return False
+
 
 
 def iso_text(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:

@@ -146,6 +146,15 @@ def _problems(frame: pl.DataFrame, config: ActivationConfig,
                            (pl.col(column).is_nan() | pl.col(column).is_infinite()).fill_null(False),
                            pl.format(f"{column}: {{}} is not a finite number; Crisp takes "
                                      "finite numbers only", pl.col(column))))
+        if kind == "data" and dtype.is_integer():
+            # Crisp keeps numbers as JavaScript doubles: beyond 2**53 it would hold another
+            # number than the one sent, and every run would find it changed
+            safe = contract.MAX_SAFE_INTEGER
+            checks.append((field, "unsafe_integer",
+                           ((pl.col(column) > safe) | (pl.col(column) < -safe)).fill_null(False),
+                           pl.format(f"{column}: {{}} is beyond ±2^53 - 1, the largest integer "
+                                     "Crisp (JavaScript) holds exactly; cast it to text in the "
+                                     "segment query to send it as a string", pl.col(column))))
         if kind == crisp_fields.INTEGER:
             low, high = (0, 2**32 - 1) if ".metrics." in field else (-32768, 32767)
             checks.append((field, "out_of_range",

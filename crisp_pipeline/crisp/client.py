@@ -86,9 +86,17 @@ class CrispClient:
         budget: RequestBudget | None = None,
         retry: RetryPolicy | None = None,
         timeout: float = 10.0,
+        request_deadline: float = 30.0,
+        deadline: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`timeout` bounds each wait for a byte; `request_deadline` bounds a whole attempt
+        (a server trickling bytes never holds a request longer); `deadline` is an instant of
+        `time.monotonic()` past which nothing is sent and no retry is waited for (the run's
+        deadline: the rest is deferred)."""
         self.settings = settings
+        self.request_deadline = request_deadline
+        self.deadline = deadline
         self.retry = retry or RetryPolicy()
         self.budget: RequestBudget = budget or UnlimitedBudget()
         self.stats = RequestStats()
@@ -121,8 +129,8 @@ class CrispClient:
     async def aclose(self) -> None:
         await self._http.aclose()
         close_budget = getattr(self.budget, "close", None)
-        if close_budget is not None:
-            close_budget()  # give back requests reserved and not spent
+        if close_budget is not None:  # give back requests reserved and not spent
+            await asyncio.to_thread(close_budget)
 
     # ---------------------------------------------------------------- profiles (§3.1)
 
@@ -266,7 +274,8 @@ class CrispClient:
         retrying = AsyncRetrying(
             retry=self._should_retry,
             wait=_WaitRetryAfterOrJitter(policy),
-            stop=stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.max_total_wait),
+            stop=(stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.max_total_wait)
+                  | self._past_deadline),
             before_sleep=self._note_retry,
             reraise=True,
         )
@@ -274,6 +283,21 @@ class CrispClient:
             with attempt:
                 return await self._attempt(method, path, route, body, params)
         raise AssertionError("unreachable: tenacity either returns or reraises")
+
+    def _past_deadline(self, retry_state: RetryCallState) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    async def _pay(self, method: str, path: str) -> None:
+        """Pay one request from the budget, off the event loop when the budget is kept in a
+        database (a slow or locked state file must never stall the requests in flight)."""
+        pay = getattr(self.budget, "try_spend_async", None)
+        paid = await pay(1) if pay is not None else self.budget.try_spend(1)
+        if not paid:
+            remaining = getattr(self.budget, "last_remaining", None)
+            if pay is None:
+                remaining = self.budget.remaining
+            raise BudgetExhausted(method, path, remaining,
+                                  getattr(self.budget, "unavailable", None))
 
     def _should_retry(self, retry_state: RetryCallState) -> bool:
         error = retry_state.outcome.exception() if retry_state.outcome else None
@@ -293,15 +317,28 @@ class CrispClient:
         async with self._in_flight:
             if self._limiter is not None:
                 await self._limiter.acquire()
-            if not self.budget.try_spend(1):
-                raise BudgetExhausted(method, path, self.budget.remaining)
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise RetryLater(method, path, None, "deadline",
+                                 "the run's deadline has passed; not sent")
+            await self._pay(method, path)
             started = time.monotonic()
+            allowed = self.request_deadline
+            if self.deadline is not None:
+                allowed = max(0.0, min(allowed, self.deadline - started))
             try:
-                response = await self._http.request(
-                    method, path, params=params,
-                    json=dict(body) if body is not None else None)
-                if method != "HEAD":
-                    await response.aread()
+                async with asyncio.timeout(allowed):
+                    response = await self._http.request(
+                        method, path, params=params,
+                        json=dict(body) if body is not None else None)
+                    if method != "HEAD":
+                        await response.aread()
+            except TimeoutError:
+                # the whole attempt took too long (a trickling answer): Crisp may or may not
+                # have applied it, exactly as with a dropped connection
+                self.stats.transport_errors += 1
+                self.stats.record(route, "deadline")
+                raise RetryLater(method, path, None, "deadline",
+                                 f"no complete answer within {allowed:.0f}s") from None
             except httpx.TimeoutException as error:
                 self.stats.transport_errors += 1
                 self.stats.record(route, "timeout")

@@ -106,6 +106,20 @@ BATCH_SKIPS_UNKNOWN_PROFILES: Final = True
 # Crisp may instead ignore it). Refusing is the safer emulation: a typo never passes silently.
 REJECT_UNKNOWN_PROFILE_FIELDS: Final = True
 
+# Crisp runs on JavaScript (ASSUMPTION, from its JS stack and SDKs): every JSON number is a
+# double. `1` and `1.0` are one value and come back as `1`; an integer beyond 2**53 comes back
+# rounded. The pipeline refuses such integers (`unsafe_integer`: cast them to text) and
+# compares numbers read back by value.
+JSON_NUMBERS_ARE_DOUBLES: Final = True
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+# `sort_field` of the profile listing takes Crisp's search field names (D-LIST: e.g.
+# `nickname`); short names resolve under `person.` (ASSUMPTION), full paths and `data.<key>`
+# are taken as they are, and a name that is none of these is refused (ASSUMPTION: refusing
+# is safer to emulate than silently ignoring it).
+SORT_FIELD_SHORT_NAMES: Final = ("nickname", "gender", "phone", "address", "website",
+                                 "timezone")
+SORT_FIELD_TOP_LEVEL: Final = ("email", "created_at", "updated_at", "segments")
+
 PER_PAGE_MIN: Final = 20  # D-LIST
 PER_PAGE_MAX: Final = 50  # D-LIST
 PER_PAGE_DEFAULT: Final = 20  # D-LIST

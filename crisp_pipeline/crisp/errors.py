@@ -57,7 +57,13 @@ class StopRun(CrispError):
 class BudgetExhausted(RetryLater):
     """The daily request budget is spent; the request was not sent."""
 
-    def __init__(self, method: str, path: str, remaining: int | None) -> None:
+    def __init__(self, method: str, path: str, remaining: int | None,
+                 unavailable: str | None = None) -> None:
+        if unavailable:  # the budget's store cannot be reached: nothing may be sent unpaid
+            super().__init__(method, path, None, "state_unavailable",
+                             f"the request budget cannot be paid ({unavailable}); the request "
+                             "was not sent and will go out on a later run")
+            return
         super().__init__(method, path, None, "budget_exhausted",
                          f"the daily request budget is spent ({remaining or 0} left); "
                          "the request was not sent and will go out on a later run")

@@ -84,6 +84,16 @@ class EmulatorConfig:
     faults: FaultPlan = field(default_factory=FaultPlan)
 
 
+def javascript_number(text: str) -> int | float:
+    """A JSON number as Crisp (JavaScript) keeps it: a double, written back without a fraction
+    when it is integral (`1.0` -> `1`), an integer beyond 2**53 rounded
+    (`contract.JSON_NUMBERS_ARE_DOUBLES`)."""
+    number = float(text)
+    if contract.JSON_NUMBERS_ARE_DOUBLES and number.is_integer() and abs(number) < 1e21:
+        return int(number)
+    return number if contract.JSON_NUMBERS_ARE_DOUBLES else json.loads(text)
+
+
 def envelope(answer: Answer, data: Any = None, message: str | None = None,
              headers: dict[str, str] | None = None, head: bool = False) -> Response:
     if head:
@@ -293,7 +303,8 @@ class Emulator:
             raw = await request.body()
             if raw.strip():
                 try:
-                    body = json.loads(raw)
+                    body = json.loads(raw, parse_int=javascript_number,
+                                      parse_float=javascript_number)
                 except json.JSONDecodeError:
                     return envelope(contract.INVALID_DATA, message="the body is not valid JSON")
             elif request.method != "DELETE":

@@ -30,6 +30,19 @@ class PeopleExists(ValueError):
     pass
 
 
+def sort_path(sort_field: str) -> str:
+    """The profile path a listing's `sort_field` names (Crisp's search field names, see
+    `contract.SORT_FIELD_SHORT_NAMES`); an unknown name is refused, never silently ignored."""
+    from crisp_pipeline.changes.fields import PROFILE_FIELDS
+
+    if sort_field in contract.SORT_FIELD_SHORT_NAMES:
+        return f"person.{sort_field}"
+    if (sort_field in contract.SORT_FIELD_TOP_LEVEL or sort_field in PROFILE_FIELDS
+            or (sort_field.startswith("data.") and contract.is_valid_data_key(sort_field[5:]))):
+        return sort_field
+    raise InvalidData(f"sort_field: {sort_field!r} is not a field people can be sorted by")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -249,8 +262,14 @@ class PeopleStore:
                 continue
             found.append(profile)
         if sort_field:
-            found.sort(key=lambda p: str(self._field(p, site.data[p["people_id"]], sort_field) or ""),
-                       reverse=sort_order == "descending")
+            path = sort_path(sort_field)
+
+            def key(profile: dict[str, Any]) -> tuple[int, Any]:
+                value = self._field(profile, site.data[profile["people_id"]], path)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    return (1, value)  # numbers in numeric order, after people without one
+                return (0, "") if value in (None, "", []) else (2, str(value).lower())
+            found.sort(key=key, reverse=sort_order == "descending")
         return found
 
     def segment_counts(self, website_id: str) -> Counter:

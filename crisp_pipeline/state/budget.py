@@ -9,10 +9,12 @@ the budget errs on the side of not being refused by Crisp.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from datetime import UTC, datetime
 
-from .store import Connect
+from .store import Connect, StateUnavailable
 
 SCHEMA = "crisp_pipeline"
 
@@ -71,28 +73,53 @@ class StoredBudget:
         self._reserved = 0  # granted by the store, not yet spent
         self._day = _today()
         self._lock = threading.Lock()
+        self.unavailable: str | None = None  # why the store could not be reached, if so
+        self.last_remaining: int | None = None  # what was left when a spend was refused
 
     def try_spend(self, requests: int = 1) -> bool:
+        """Pay from what this process reserved; reserve another block from the store when
+        short. A store that cannot be reached (another process holds the file past the wait)
+        pays nothing: unpaid requests are never sent."""
         with self._lock:
-            if _today() != self._day:  # a new UTC day: a new budget
+            if self._day_changed():
                 self._day, self._reserved = _today(), 0
             if self._reserved < requests:
-                self._reserved += _add(self._connect, self.token,
-                                       max(self.block, requests - self._reserved), self.quota)
+                try:
+                    self._reserved += _add(self._connect, self.token,
+                                           max(self.block, requests - self._reserved),
+                                           self.quota)
+                except StateUnavailable as error:
+                    self.unavailable = str(error)
+                    return False
             if self._reserved < requests:
+                self.last_remaining = self._reserved
                 return False
             self._reserved -= requests
             return True
+
+    async def try_spend_async(self, requests: int = 1) -> bool:
+        """`try_spend` for the event loop: from the reserved block without I/O, and from the
+        store in a worker thread."""
+        with self._lock:
+            if self._reserved >= requests and not self._day_changed():
+                self._reserved -= requests
+                return True
+        return await asyncio.to_thread(self.try_spend, requests)
+
+    def _day_changed(self) -> bool:
+        return _today() != self._day
 
     @property
     def remaining(self) -> int:
         return max(self.quota - spent_today(self._connect, self.token), 0) + self._reserved
 
     def close(self) -> None:
-        """Give back what was reserved and not spent."""
+        """Give back what was reserved and not spent (kept, and so over-counted, when the
+        store cannot be reached: the budget errs on the side of not being refused by Crisp)."""
         with self._lock:
             if self._reserved and self._day == _today():
-                _add(self._connect, self.token, -self._reserved, self.quota)
+                with contextlib.suppress(StateUnavailable):
+                    _add(self._connect, self.token, -self._reserved, self.quota)
             self._reserved = 0
 
 

@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
 import duckdb
 import polars as pl
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import retry, retry_if_exception, wait_random_exponential
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 SNAPSHOT_KEYS = {"identifier": pl.String, "people_id": pl.String, "email": pl.String,
-                 "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String}
+                 "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
+                 "verified_at": pl.Datetime("us", "UTC")}
+# `verified_at`: when Crisp last *showed* us the person and every managed field (a read, or
+# an answer about that very person); a `PATCH batch/data` is accepted for people Crisp does
+# not hold, so it confirms values but never verifies. Reconcile re-reads the oldest first.
 # `origin`: `created` (this activation created the person in Crisp) or `adopted` (they were
 # in Crisp before it found them). A text that is not JSON, so it never equals a confirmed value:
 # the field was added to the configuration and must be written, a null as a clear.
@@ -75,15 +80,25 @@ def _is_lock_conflict(error: BaseException) -> bool:
     return isinstance(error, duckdb.IOException) and "lock" in str(error).lower()
 
 
+def lock_wait_seconds() -> float:
+    """How long to wait for another process's hold on the DuckDB file
+    (CRISP_PIPELINE_DB_WAIT_SECONDS, default 60)."""
+    return float(os.environ.get("CRISP_PIPELINE_DB_WAIT_SECONDS") or 60)
+
+
+def _waited_enough(retry_state) -> bool:
+    return retry_state.seconds_since_start >= lock_wait_seconds()
+
+
 @retry(retry=retry_if_exception(_is_lock_conflict), wait=wait_random_exponential(0.05, max=2),
-       stop=stop_after_delay(60), reraise=True)
+       stop=_waited_enough, reraise=True)
 def _connect_waiting_for_lock(path: str, config: dict) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(path, config=config)
 
 
 def open_duckdb(path: str, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Open the file read-write. Another process holding it (DuckDB allows one writer) is
-    waited for, up to a minute; anything else fails at once, naming the file."""
+    waited for, up to `lock_wait_seconds`; anything else fails at once, naming the file."""
     try:
         return _connect_waiting_for_lock(path, dict(config or {}))
     except duckdb.Error as error:
@@ -245,9 +260,11 @@ class StateStore:
         connection.execute(
             f"create table if not exists {snapshot} (website_id varchar not null, "
             "identifier varchar not null, people_id varchar not null, email varchar, "
-            "confirmed_at timestamptz, origin varchar, "
+            "confirmed_at timestamptz, origin varchar, verified_at timestamptz, "
             "primary key (website_id, identifier), unique (website_id, people_id))")
         have = set(self._columns(connection, "snapshot"))
+        if "verified_at" not in have:  # a snapshot from before reconcile
+            connection.execute(f"alter table {snapshot} add column verified_at timestamptz")
         for field in fields:
             if field not in have:
                 connection.execute(f"alter table {snapshot} add column {quote(field)} varchar")
@@ -557,6 +574,33 @@ class StateStore:
             return int(connection.execute(
                 f"select {what} from {self.table(name)} where {where}", params).fetchone()[0]
                 or 0)
+
+    # ---------------------------------------------------------------- reconcile
+
+    def reconcile_queue(self, fields: list[str], verified_before: datetime | None = None
+                        ) -> pl.DataFrame:
+        """This website's managed people not verified since `verified_before` (None: all),
+        oldest-verified first (never verified: first)."""
+        with self._session() as connection:
+            self._ensure_snapshot(connection, fields)
+            columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
+            frame = connection.execute(
+                f"select {columns} from {self.table('snapshot')} where website_id = ? and "
+                "(verified_at is null or ?::timestamptz is null or verified_at < ?) "
+                "order by verified_at nulls first, confirmed_at nulls first, identifier",
+                [self._website(), verified_before, verified_before]).pl()
+        return frame.cast({**SNAPSHOT_KEYS, **{field: pl.String for field in fields}})
+
+    def record_reconcile(self, refreshed: pl.DataFrame, gone: list[str], drift: pl.DataFrame,
+                         fields: list[str]) -> None:
+        """One transaction: what Crisp showed (values, emails, verified_at), the people it no
+        longer holds (forgotten: the next change set re-creates or skips them), and the audit
+        of every difference found (table `drift`)."""
+        with self._transaction() as connection:
+            self._confirm(connection, refreshed, fields)
+            self._forget(connection, gone)
+            if not drift.is_empty():
+                self._append(connection, "drift", drift)
 
     def snapshot_keys(self) -> pl.DataFrame:
         """The identifier, people_id and email of this website's managed people."""

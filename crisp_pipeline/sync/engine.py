@@ -42,12 +42,16 @@ from crisp_pipeline.crisp import BudgetExhausted, CrispClient, RetryLater, RowRe
 from crisp_pipeline.crisp import contract
 from crisp_pipeline.crisp.contract import Reason
 from crisp_pipeline.crisp.pacing import counting_requests
+from crisp_pipeline.state.store import StateUnavailable
 
 from .profiles import held_values, profile_body
 
 # a person's status is the worst of their units'; `pending` until a unit of theirs is tried
 STATUS_RANK = {"pending": -1, "ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
 PHASES = ("delete", "update", "create")
+# steps whose success proves that Crisp holds the person: not `batch_data`, which Crisp
+# accepts (202) for people it does not hold
+PROVES_EXISTENCE = frozenset({"create", "profile", "data"})
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Person:
     open_units: int = 0  # units made for this person and not tried yet
     confirmed: dict[str, str] = field(default_factory=dict)  # field -> JSON text
     origin: str | None = None  # a create: `created`, or `adopted` when Crisp already had them
+    verified: bool = False  # an answer about this very person proved Crisp holds them
 
     def settle(self, status: str) -> None:
         if STATUS_RANK[status] > STATUS_RANK[self.status]:
@@ -104,6 +109,8 @@ class SyncSummary:
     stopped: StopRun | None = None
     budget_exhausted: bool = False
     circuit_open: bool = False
+    past_deadline: bool = False
+    state_unavailable: str | None = None  # the state store could not record: sending stopped
     seconds: float = 0.0
 
     def count(self, status: str) -> int:
@@ -126,7 +133,8 @@ class SyncEngine:
                  planned_at_ms: float | None = None,
                  managed_people_ids: set[str] | frozenset[str] = frozenset(),
                  delete_gate: Callable[[list[str]], AbstractContextManager[set[str]]]
-                 | None = None) -> None:
+                 | None = None, deadline: float | None = None,
+                 record_attempts: int = 5) -> None:
         self.client = client
         self.fields = fields
         self.order = order
@@ -137,6 +145,9 @@ class SyncEngine:
         self.planned_at_ms = planned_at_ms
         self.managed_people_ids = managed_people_ids
         self.delete_gate = delete_gate or (lambda people_ids: contextlib.nullcontext(set()))
+        self.deadline = deadline  # time.monotonic() past which no unit starts
+        self.record_attempts = record_attempts
+        self._unrecorded: list[Batch] = []
         self._summary = SyncSummary()
         self._unit_ids = 0
         self._failures_in_a_row = 0
@@ -160,13 +171,20 @@ class SyncEngine:
             await self._run([self._release(p) for p in people if p.op == "release"], on_batch)
             for phase in self.order:
                 mine = [p for p in people if p.op == phase]
-                if phase == "delete" and mine:
-                    with self.delete_gate([p.people_id for p in mine]) as taken_on:
+                if phase == "delete" and mine and not self._halted:
+                    gate = self.delete_gate([p.people_id for p in mine])
+                    # the gate waits for a lock in the state store: off the event loop
+                    taken_on = await asyncio.to_thread(gate.__enter__)
+                    try:
                         for person in mine:
                             if person.people_id in taken_on:
                                 person.op, person.reason = "release", "held_by_other_activation"
                         await self._run([self._release(p) if p.op == "release"
                                          else self._delete(p) for p in mine], on_batch)
+                    finally:
+                        await asyncio.to_thread(gate.__exit__, None, None, None)
+                elif phase == "delete":
+                    await self._run([self._delete(p) for p in mine], on_batch)
                 elif phase == "update":
                     units = [self._profile(p) for p in mine if self._profile_values(p)]
                     units += self._data_units([p for p in mine if p.data])
@@ -177,6 +195,7 @@ class SyncEngine:
                     await self._run(self._data_units(created), on_batch)
         except StopRun as stop:
             self._summary.stopped = stop
+        await self._record_the_unrecorded(on_batch)
         for person in people:  # never tried (the run stopped first): deferred, not done
             if person.open_units or person.status == "pending":
                 person.settle("deferred")
@@ -187,7 +206,43 @@ class SyncEngine:
     @property
     def _halted(self) -> bool:
         s = self._summary
-        return s.stopped is not None or s.budget_exhausted or s.circuit_open
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            s.past_deadline = True
+        return (s.stopped is not None or s.budget_exhausted or s.circuit_open
+                or s.past_deadline or s.state_unavailable is not None)
+
+    def _halt_reason(self) -> str:
+        s = self._summary
+        return ("stopped" if s.stopped else "budget_exhausted" if s.budget_exhausted
+                else "circuit_open" if s.circuit_open else "deadline" if s.past_deadline
+                else "state_unavailable")
+
+    async def _hand_over(self, batch: Batch, on_batch: Callable[[Batch], None]) -> None:
+        """Record a batch in a worker thread (the state store is blocking I/O). When the
+        store cannot be reached (another process holds the file past the wait), sending
+        stops and the batch is kept to be recorded before the run ends."""
+        if self._unrecorded:
+            self._unrecorded.append(batch)
+            return
+        try:
+            await asyncio.to_thread(on_batch, batch)
+        except StateUnavailable as error:
+            self._summary.state_unavailable = str(error)
+            self._unrecorded.append(batch)
+
+    async def _record_the_unrecorded(self, on_batch: Callable[[Batch], None]) -> None:
+        """What Crisp confirmed is recorded, however long the state store stays busy: a few
+        more waits, then the error (the snapshot then claims nothing unconfirmed, and the
+        next run finds the people by email instead of creating them twice)."""
+        failures = 0
+        while self._unrecorded:
+            try:
+                await asyncio.to_thread(on_batch, self._unrecorded[0])
+                self._unrecorded.pop(0)
+            except StateUnavailable:
+                failures += 1
+                if failures >= self.record_attempts:
+                    raise
 
     async def _run(self, units: list[Unit], on_batch: Callable[[Batch], None]) -> None:
         # units start no faster than the client can send them, so that a stop, an empty
@@ -203,11 +258,11 @@ class SyncEngine:
             results = await asyncio.gather(*(attempt(unit) for unit in chunk))
             steps = [step for result in results for step in result]
             touched = {id(p): p for unit in chunk for p in unit.people}
-            on_batch(Batch(steps, list(touched.values())))
+            await self._hand_over(Batch(steps, list(touched.values())), on_batch)
             self._done += sum(1 for unit in chunk if unit.step != "data")
             if self.progress:
-                self.progress(min(self._done, self._total), self._total,
-                              time.monotonic() - self._started)
+                await asyncio.to_thread(self.progress, min(self._done, self._total),
+                                        self._total, time.monotonic() - self._started)
             if self._summary.stopped is not None:
                 raise self._summary.stopped
 
@@ -217,22 +272,26 @@ class SyncEngine:
         status, reason, message = "ok", None, None
         sent: list[int] = []
         if self._halted:
-            status, reason = "deferred", ("stopped" if self._summary.stopped else
-                                          "budget_exhausted" if self._summary.budget_exhausted
-                                          else "circuit_open")
+            status, reason = "deferred", self._halt_reason()
             message = "not sent: the run stopped sending"
         else:
             try:
                 with counting_requests() as sent:
                     await unit.send()
                 unit.confirms()
+                if unit.step in PROVES_EXISTENCE:
+                    for person in unit.people:
+                        person.verified = True
                 self._failures_in_a_row = 0
                 self._summary.units[unit.step] += 1
             except StopRun as error:
                 self._summary.stopped = error
                 status, reason, message = "deferred", error.reason, str(error)
             except BudgetExhausted as error:
-                self._summary.budget_exhausted = True
+                if error.reason == "state_unavailable":
+                    self._summary.state_unavailable = error.message
+                else:
+                    self._summary.budget_exhausted = True
                 status, reason, message = "deferred", error.reason, error.message
             except RetryLater as error:
                 status, reason, message = "deferred", error.reason, str(error)

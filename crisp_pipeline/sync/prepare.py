@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import polars as pl
@@ -16,6 +16,7 @@ import polars as pl
 from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.changes.departures import DepartureContext, new_unidentified_rows
 from crisp_pipeline.changes.diff import PlannedChanges, plan_changes
+from crisp_pipeline.changes.encode import same_value
 from crisp_pipeline.changes.guards import GuardVerdict, evaluate_guards
 from crisp_pipeline.changes.normalize import NormalizedSegment, normalize_segment
 from crisp_pipeline.crisp import CrispSettings
@@ -168,16 +169,28 @@ def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.D
                         "email": pl.String}))
         if adopted:
             planned = _planned_creates(store)
+            source_texts = {row["identifier"]: row for row in
+                            new.select("identifier", *fields).iter_rows(named=True)}
+            adopted = [replace(a, held=_in_source_spelling(a.held, source_texts[a.identifier]))
+                       for a in adopted]
             confirmed = pl.DataFrame(
                 [{"identifier": a.identifier, "people_id": a.people_id, "email": a.email,
-                  "confirmed_at": now(),
+                  "confirmed_at": now(), "verified_at": now(),
                   "origin": _origin(a.created_at_ms, planned.get(a.identifier)), **a.held}
                  for a in adopted],
                 schema={"identifier": pl.String, "people_id": pl.String, "email": pl.String,
                         "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
+                        "verified_at": pl.Datetime("us", "UTC"),
                         **{f: pl.String for f in fields}})
             store.confirm(confirmed, fields)
     return report
+
+
+def _in_source_spelling(held: dict[str, str], source: dict[str, str | None]) -> dict[str, str]:
+    """What Crisp holds, spelled as the source spells it where the two are one value for
+    Crisp (`1` and `1.0`): adopting a person must not plan a write for a spelling."""
+    return {name: source[name] if same_value(source.get(name), text) else text
+            for name, text in held.items()}
 
 
 def _planned_creates(store: StateStore) -> dict[str, float]:

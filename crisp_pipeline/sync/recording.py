@@ -31,7 +31,7 @@ def outcome_frames(batch: Batch, run_id: str, fields: list[str], website_id: str
 
     confirmed = pl.DataFrame(
         [{"identifier": p.identifier, "people_id": p.people_id, "email": email_of(p),
-          "confirmed_at": at, "origin": p.origin,
+          "confirmed_at": at, "origin": p.origin, "verified_at": at if p.verified else None,
           **{f: v for f, v in p.confirmed.items() if f in fields}}
          for p in batch.people
          if p.op in ("create", "update") and p.people_id and p.identifier not in gone

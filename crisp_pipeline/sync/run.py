@@ -50,6 +50,11 @@ class SyncReport:
             return "the daily request budget ran out; the rest goes out on the next run"
         if s.circuit_open:
             return "Crisp kept failing; the run stopped sending and defers the rest"
+        if s.past_deadline:
+            return "the run's deadline passed; the rest goes out on the next run"
+        if s.state_unavailable:
+            return ("the state store could not be reached (another process held it); the run "
+                    f"stopped sending and defers the rest: {s.state_unavailable}")
         return None
 
     def as_metadata(self) -> dict[str, Any]:
@@ -121,7 +126,8 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                     engine = SyncEngine(client, fields, order=config.order,
                                         batch_size=config.batch_size, progress=progress,
                                         planned_at_ms=computed_at.timestamp() * 1000,
-                                        managed_people_ids=managed, delete_gate=delete_gate)
+                                        managed_people_ids=managed, delete_gate=delete_gate,
+                                        deadline=options.deadline)
                     return await engine.apply(work.to_dicts(), record)
                 finally:
                     report.stats = client.stats

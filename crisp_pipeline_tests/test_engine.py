@@ -1,0 +1,184 @@
+"""The sync engine alone, against `httpx.MockTransport` (no sockets, no Dagster): what each
+person's status, confirmation and request count is when Crisp answers this or that."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from crisp_pipeline.crisp import CrispClient, CrispSettings, InMemoryBudget, RetryPolicy, Secret
+from crisp_pipeline.state.store import StateUnavailable
+from crisp_pipeline.sync.engine import Batch, SyncEngine
+
+SETTINGS = CrispSettings(website_id="w", token_identifier="id", token_key=Secret("k"),
+                         base_url="http://crisp.test/v1/")
+QUICK = RetryPolicy(max_attempts=3, initial_wait=0.001, max_wait=0.01, max_total_wait=5)
+
+
+def ok(status: int = 200, data: object = None) -> httpx.Response:
+    return httpx.Response(status, json={"error": False, "reason": "ok", "data": data or {}})
+
+
+def refused(status: int, reason: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": True, "reason": reason, "data": {}})
+
+
+def update(identifier: str, **values: object) -> dict:
+    data = {k[5:]: v for k, v in values.items() if k.startswith("data.")}
+    return {"identifier": identifier, "op": "update", "email": f"{identifier}@x.io",
+            "people_id": f"id-{identifier}", "new_values": json.dumps(values),
+            "data_values": json.dumps(data) if data else None, "old_values": None}
+
+
+def create(identifier: str, **values: object) -> dict:
+    return {**update(identifier, **values), "op": "create", "people_id": None}
+
+
+def apply(handler, rows, *, fields=("person.nickname", "data.plan"), budget=None,
+          deadline=None, on_batch=None, request_deadline=30.0, **engine_options):
+    batches: list[Batch] = []
+
+    async def go():
+        client = CrispClient(SETTINGS, transport=httpx.MockTransport(handler), retry=QUICK,
+                             budget=budget, request_deadline=request_deadline,
+                             deadline=deadline)
+        async with client:
+            engine = SyncEngine(client, list(fields), deadline=deadline, **engine_options)
+            summary = await engine.apply(rows, on_batch or batches.append)
+            return summary, client.stats
+    summary, stats = asyncio.run(go())
+    return summary, stats, batches
+
+
+def people_of(batches: list[Batch]) -> dict:
+    return {p.identifier: p for b in batches for p in b.people}
+
+
+def steps_of(batches: list[Batch]) -> list:
+    return [s for b in batches for s in b.steps]
+
+
+def test_batch_data_confirms_values_but_only_a_per_person_answer_verifies():
+    def handler(request):
+        return ok(202) if request.url.path.endswith("batch/data") else ok()
+    rows = [update("a", **{"data.plan": "pro"}), update("b", **{"data.plan": "pro"}),
+            update("c", **{"person.nickname": "C"})]
+    summary, stats, batches = apply(handler, rows)
+    people = people_of(batches)
+    assert {i: p.status for i, p in people.items()} == {"a": "ok", "b": "ok", "c": "ok"}
+    assert people["a"].confirmed == {"data.plan": '"pro"'} and not people["a"].verified
+    assert not people["b"].verified and people["c"].verified
+    assert stats.sent == 2
+
+
+def test_a_stop_mid_run_leaves_the_untried_deferred_never_ok():
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return refused(403, "not_allowed") if len(calls) == 2 else ok()
+    rows = [update(f"p{i}", **{"person.nickname": f"N{i}"}) for i in range(20)]
+    summary, stats, batches = apply(handler, rows, chunk=1)
+    statuses = [p.status for p in people_of(batches).values()]
+    assert summary.stopped is not None
+    assert summary.count("ok") == 1 and statuses.count("ok") == 1
+    assert summary.count("deferred") == 19
+
+
+def test_each_unit_counts_its_own_requests_retries_included():
+    seen: dict[str, int] = {}
+
+    def handler(request):
+        seen[request.url.path] = seen.get(request.url.path, 0) + 1
+        if request.url.path.endswith("id-a") and seen[request.url.path] < 3:
+            return refused(503, "server_error")
+        return ok()
+    rows = [update(i, **{"person.nickname": i.upper()}) for i in "abcd"]
+    summary, stats, batches = apply(handler, rows)
+    requests = {s.identifier: s.requests for s in steps_of(batches)}
+    assert requests == {"a": 3, "b": 1, "c": 1, "d": 1}
+    assert sum(requests.values()) == stats.sent == 6
+
+
+def test_a_budget_of_zero_sends_nothing():
+    def handler(request):
+        raise AssertionError("nothing may be sent")
+    rows = [create(f"p{i}", **{"person.nickname": "N"}) for i in range(5)]
+    summary, stats, batches = apply(handler, rows, budget=InMemoryBudget(0))
+    assert stats.sent == 0 and summary.count("deferred") == 5 and summary.budget_exhausted
+
+
+def test_past_the_run_deadline_nothing_more_is_sent():
+    sent = []
+
+    def handler(request):
+        sent.append(request)
+        return ok()
+    rows = [update(f"p{i}", **{"person.nickname": "N"}) for i in range(5)]
+    summary, stats, batches = apply(handler, rows, deadline=time.monotonic() - 1)
+    assert sent == [] and summary.past_deadline and summary.count("deferred") == 5
+    assert {s.reason for s in steps_of(batches)} == {"deadline"}
+
+
+def test_a_trickling_answer_is_cut_at_the_request_deadline():
+    async def handler(request):
+        await asyncio.sleep(5)  # a server that never finishes its answer in time
+        return ok()
+    rows = [update(f"p{i}", **{"person.nickname": "N"}) for i in range(3)]
+    started = time.monotonic()
+    summary, stats, batches = apply(handler, rows, request_deadline=0.2)
+    assert time.monotonic() - started < 3
+    assert summary.count("deferred") == 3
+    assert {s.reason for s in steps_of(batches)} == {"deadline"}
+
+
+def test_a_busy_state_store_stops_sending_and_records_everything_confirmed_later():
+    recorded: list[Batch] = []
+    refusals = [3]  # the store is busy for the next three attempts to record
+
+    def on_batch(batch: Batch) -> None:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise StateUnavailable("held by another process")
+        recorded.append(batch)
+
+    def handler(request):
+        return ok()
+    rows = [update(f"p{i}", **{"person.nickname": "N"}) for i in range(10)]
+    summary, stats, _ = apply(handler, rows, on_batch=on_batch, chunk=2)
+    steps = steps_of(recorded)
+    assert stats.sent == 2  # the first chunk went out; then sending stopped
+    assert {s.identifier for s in steps if s.status == "ok"} == {"p0", "p1"}
+    assert {s.identifier for s in steps if s.status == "deferred"} == {
+        f"p{i}" for i in range(2, 10)}
+    assert summary.state_unavailable
+
+
+def test_a_store_busy_for_good_raises_after_the_last_wait():
+    def on_batch(batch: Batch) -> None:
+        raise StateUnavailable("held by another process")
+    with pytest.raises(StateUnavailable):
+        apply(lambda request: ok(), [update("a", **{"person.nickname": "N"})],
+              on_batch=on_batch, record_attempts=2)
+
+
+def test_a_create_meeting_an_existing_person_patches_only_mapped_fields_that_differ():
+    bodies = []
+
+    def handler(request):
+        if request.method == "POST":
+            return refused(409, "people_exists")
+        if request.method == "GET":
+            return ok(data={"people_id": "id-real", "email": "ada@x.io",
+                            "person": {"nickname": "Ada Lovelace", "phone": "1"}})
+        bodies.append((request.url.path, json.loads(request.content)))
+        return ok()
+    row = create("ada", **{"person.phone": "2"})
+    row["email"] = "ada@x.io"
+    summary, stats, batches = apply(handler, [row], fields=("person.nickname", "person.phone"))
+    assert bodies == [("/v1/website/w/people/profile/id-real", {"person": {"phone": "2"}})]
+    assert people_of(batches)["ada"].status == "ok"
