@@ -143,11 +143,12 @@ async def _read_all(client: CrispClient, people_ids: list[str], read: Callable,
 
 
 async def _reconcile_reads(client: CrispClient, queue: pl.DataFrame, allowance: int | None,
-                           wants_data: bool, report: ReconcileReport) -> _Reads:
+                           wants_data: bool, report: ReconcileReport,
+                           consider_listing: bool) -> _Reads:
     reads = _Reads()
     managed = queue.height
     website_people = None
-    if pricing.worth_counting(managed, allowance, wants_data):
+    if consider_listing and pricing.worth_counting(managed, allowance, wants_data):
         website_people = await client.people_count()
         if allowance is not None:
             allowance -= 1
@@ -180,9 +181,10 @@ async def _reconcile_reads(client: CrispClient, queue: pl.DataFrame, allowance: 
 def reconcile_snapshot(store: StateStore, fields: list[str], policy: ReconcilePolicy,
                        run_id: str, settings_factory: Callable[[], CrispSettings],
                        options: ClientOptions, connect: Connect, *,
-                       full: bool = False) -> ReconcileReport:
+                       full: bool = False, consider_listing: bool = True) -> ReconcileReport:
     """Re-read Crisp for the managed `fields` within the `policy`'s allowance (or everyone,
-    `full`) and correct the snapshot (see the module docstring)."""
+    `full`) and correct the snapshot (see the module docstring). `consider_listing=False`
+    reads people one by one whatever it costs (the baseline of `bench/reconcile_cost.py`)."""
     settings = settings_factory()
     allowance = None if full else pricing.allowance_for(
         policy.budget_share, policy.max_requests,
@@ -197,7 +199,8 @@ def reconcile_snapshot(store: StateStore, fields: list[str], policy: ReconcilePo
     async def read() -> _Reads:
         async with open_client(settings, options, connect) as client:
             try:
-                return await _reconcile_reads(client, queue, allowance, wants_data, report)
+                return await _reconcile_reads(client, queue, allowance, wants_data, report,
+                                              consider_listing)
             except RetryLater as error:  # the count or a listing page failed: nothing learned
                 return _Reads(stopped=str(error))
             finally:
