@@ -150,6 +150,25 @@ def test_timeouts_are_retry_later_after_bounded_retries(emulator, settings):
     assert error.reason == "timeout" and stats.sent == 3 and stats.retries == 2
 
 
+def test_a_trickling_answer_is_cut_at_the_request_deadline_not_only_when_idle(
+        emulator, settings):
+    """Bytes every 0.4 s never trip the idle timeout (1 s); the attempt's total deadline
+    (0.5 s) does, over real sockets, and a run's deadline ends the retries."""
+    emulator.emulator.set_faults(FaultPlan(slow_body_ms=4000))
+    policy = RetryPolicy(max_attempts=10, initial_wait=0.01, max_wait=0.02, max_total_wait=60)
+
+    async def scenario():
+        started = time.monotonic()
+        async with client_for(settings, timeout=1.0, request_deadline=0.5, retry=policy,
+                              deadline=time.monotonic() + 2.0) as client:
+            with pytest.raises(RetryLater) as later:
+                await client.people_count()
+            return later.value, client.stats, time.monotonic() - started
+    error, stats, seconds = run(scenario())
+    assert error.reason == "deadline" and seconds < 3.5
+    assert 2 <= stats.sent <= 5  # cut at 0.5 s each, until the run's deadline at 2 s
+
+
 def test_retry_after_is_honoured_and_a_long_one_defers_at_once(emulator, settings):
     emulator.emulator.config.retry_after_header = True
     emulator.emulator.set_faults(FaultPlan(rate_limit_burst=1))

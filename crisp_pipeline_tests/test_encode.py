@@ -75,3 +75,8 @@ def test_an_integer_crisp_cannot_hold_exactly_is_refused_naming_row_and_field(n)
         assert result.accepted.is_empty()
         assert result.rejected.select("row_number", "field", "reason").row(0) == (
             1, "data.n", "unsafe_integer")
+
+
+def test_a_boolean_is_never_the_same_value_as_a_number():
+    assert not same_value("true", "1") and not same_value("false", "0")
+    assert not same_value("[true]", "[1]") and same_value("[1.0]", "[1]")

@@ -62,17 +62,33 @@ def steps_of(batches: list[Batch]) -> list:
     return [s for b in batches for s in b.steps]
 
 
-def test_batch_data_confirms_values_but_only_a_per_person_answer_verifies():
+def test_writes_confirm_what_they_sent_and_only_a_create_verifies():
     def handler(request):
+        if request.method == "POST":
+            return ok(201, {"people_id": "id-new"})
         return ok(202) if request.url.path.endswith("batch/data") else ok()
     rows = [update("a", **{"data.plan": "pro"}), update("b", **{"data.plan": "pro"}),
-            update("c", **{"person.nickname": "C"})]
+            update("c", **{"person.nickname": "C"}), create("d", **{"person.nickname": "D"})]
     summary, stats, batches = apply(handler, rows)
     people = people_of(batches)
-    assert {i: p.status for i, p in people.items()} == {"a": "ok", "b": "ok", "c": "ok"}
-    assert people["a"].confirmed == {"data.plan": '"pro"'} and not people["a"].verified
-    assert not people["b"].verified and people["c"].verified
-    assert stats.sent == 2
+    assert {i: p.status for i, p in people.items()} == {"a": "ok", "b": "ok", "c": "ok",
+                                                       "d": "ok"}
+    assert people["a"].confirmed == {"data.plan": '"pro"'}
+    # batch/data is accepted (202) for people Crisp no longer holds; a profile write shows
+    # none of the fields it did not send: neither verifies; a create does
+    assert [people[i].verified for i in "abcd"] == [False, False, False, True]
+    assert stats.sent == 3
+
+
+def test_a_long_retry_after_never_outlasts_the_run_deadline():
+    def handler(request):
+        return httpx.Response(429, headers={"Retry-After": "5"},
+                              json={"error": True, "reason": "rate_limited", "data": {}})
+    started = time.monotonic()
+    summary, stats, batches = apply(handler, [update("a", **{"person.nickname": "A"})],
+                                    deadline=started + 0.5)
+    assert time.monotonic() - started < 1.5
+    assert summary.count("deferred") == 1
 
 
 def test_a_stop_mid_run_leaves_the_untried_deferred_never_ok():

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.emulator import FaultPlan, ForcedAnswer
 from crisp_pipeline.state.store import now
 
 from .conftest import PLUGIN, USER, WEBSITE
@@ -290,3 +291,65 @@ def test_every_kind_of_value_round_trips_through_crisp_with_zero_writes(
                                               "new_values").to_dicts()
     assert pipeline.writes_of_last_run() == 0
     pipeline.assert_snapshot_matches_crisp()
+
+
+@pytest.mark.parametrize("forced", [
+    ForcedAnswer(404, "not_found", "GET", "people/stats"),
+    ForcedAnswer(400, "invalid_data", "GET", "people/profiles/2", times=1)],
+    ids=["stats_404", "listing_page_400"])
+def test_a_refused_count_or_listing_page_ends_the_reconcile_not_the_run(
+        emulator, tmp_path, monkeypatch, forced):
+    crisp_env(monkeypatch, emulator)
+    config = ActivationConfig(name="names", segment={"table": "people"},
+                              fields={"person.nickname": "name"},
+                              reconcile={"verify_every_hours": 0, "max_requests": 10})
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
+    pipeline.load(people(120))
+    pipeline.run()
+    emulator.emulator.set_faults(FaultPlan(forced=[forced]))
+    pipeline.load(people(120, plan="b"))
+    result = pipeline.run()
+    reconcile = pipeline.metadata(result, "crisp_snapshot")["reconcile"]
+    assert reconcile["stopped"] and reconcile["gone"] == 0  # nobody forgotten on a failure
+    assert pipeline.snapshot().height == 120
+
+
+def test_retries_never_take_the_reconcile_past_its_allowance(emulator, tmp_path, monkeypatch):
+    crisp_env(monkeypatch, emulator)
+    pipeline = pipeline_for(emulator, tmp_path, verify_every_hours=0, max_requests=10)
+    pipeline.load(people(40))
+    pipeline.run()
+    emulator.emulator.set_faults(FaultPlan(error_rate=0.6), seed=3)
+    result = pipeline.run()
+    reconcile = pipeline.metadata(result, "crisp_snapshot")["reconcile"]
+    reads = [e for e in pipeline.requests_of_last_run() if e.method == "GET"]
+    assert reconcile["allowance"] == 10 and len(reads) <= 10 and reconcile["requests_sent"] <= 10
+
+
+def test_a_person_written_every_run_is_still_reconciled(emulator, tmp_path, monkeypatch, human):
+    """A write verifies nothing it did not send: a person whose plan changes every run still
+    comes due, and a nickname edited in Crisp is written back."""
+    crisp_env(monkeypatch, emulator)
+    pipeline = pipeline_for(emulator, tmp_path, verify_every_hours=0, max_requests=2)
+    rows = people(1)
+    pipeline.load(rows)
+    pipeline.run()
+    human.patch("people/profile/r0000@x.io", json={"person": {"nickname": "Edited"}})
+    rows[0]["plan"] = "b"
+    pipeline.load(rows)
+    pipeline.run()
+    assert pipeline.crisp()["r0000@x.io"]["person"]["nickname"] == "Person 0"
+
+
+def test_true_in_crisp_is_not_the_number_one_in_the_source(
+        emulator, tmp_path, monkeypatch, human):
+    crisp_env(monkeypatch, emulator)
+    config = ActivationConfig(name="flags", segment={"table": "people"}, attributes=["active"],
+                              reconcile={"verify_every_hours": 0})
+    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
+    pipeline.load([{"email": "a@x.io", "active": 1}])
+    pipeline.run()
+    human.patch("people/data/a@x.io", json={"data": {"active": True}})
+    result = pipeline.run()
+    assert pipeline.metadata(result, "crisp_snapshot")["reconcile"]["edited"] == 1
+    assert pipeline.crisp()["a@x.io"]["data"] == {"active": 1}

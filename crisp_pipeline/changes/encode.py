@@ -50,8 +50,11 @@ def encode_value(value: Any) -> str:
 
 def _as_crisp_holds(value: Any) -> Any:
     """A decoded value as Crisp (JavaScript) holds it: every number a double, so that `1`,
-    `1.0` and `1e0` are one value."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    `1.0` and `1e0` are one value; a boolean stays a boolean (`true` is not `1` in Crisp,
+    although Python finds `True == 1.0`)."""
+    if isinstance(value, bool):
+        return ("boolean", value)
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, int | float):
         return float(value)

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -51,14 +51,18 @@ class RetryPolicy:
 class _WaitRetryAfterOrJitter(wait_base):
     """Wait what Crisp asked for, else exponential backoff with full jitter."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, time_left: Callable[[], float | None]) -> None:
         self._jitter = wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait)
+        self._time_left = time_left
 
     def __call__(self, retry_state: RetryCallState) -> float:
         error = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(error, RetryLater) and error.retry_after is not None:
-            return error.retry_after
-        return self._jitter(retry_state)
+            wait = error.retry_after
+        else:
+            wait = self._jitter(retry_state)
+        left = self._time_left()  # never sleep past the run's deadline
+        return wait if left is None else max(0.0, min(wait, left))
 
 
 def _path_id(people_id_or_email: str) -> str:
@@ -273,7 +277,7 @@ class CrispClient:
         policy = self.retry
         retrying = AsyncRetrying(
             retry=self._should_retry,
-            wait=_WaitRetryAfterOrJitter(policy),
+            wait=_WaitRetryAfterOrJitter(policy, self._time_left),
             stop=(stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.max_total_wait)
                   | self._past_deadline),
             before_sleep=self._note_retry,
@@ -286,6 +290,9 @@ class CrispClient:
 
     def _past_deadline(self, retry_state: RetryCallState) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
     async def _pay(self, method: str, path: str) -> None:
         """Pay one request from the budget, off the event loop when the budget is kept in a

@@ -55,6 +55,50 @@ class InMemoryBudget:
         return max(self.quota - self.spent, 0)
 
 
+class CappedBudget:
+    """At most `cap` requests, retries included, paid from `inner` (a reconcile's allowance:
+    what it may spend is a ceiling, not an estimate)."""
+
+    def __init__(self, inner: RequestBudget, cap: int) -> None:
+        self.inner = inner
+        self.cap = cap
+        self.spent = 0
+
+    def try_spend(self, requests: int = 1) -> bool:
+        if self.spent + requests > self.cap or not self.inner.try_spend(requests):
+            return False
+        self.spent += requests
+        return True
+
+    async def try_spend_async(self, requests: int = 1) -> bool:
+        if self.spent + requests > self.cap:
+            return False
+        pay = getattr(self.inner, "try_spend_async", None)
+        paid = await pay(requests) if pay is not None else self.inner.try_spend(requests)
+        if paid:
+            self.spent += requests
+        return paid
+
+    @property
+    def remaining(self) -> int | None:
+        inner = self.inner.remaining
+        left = self.cap - self.spent
+        return left if inner is None else min(left, inner)
+
+    @property
+    def last_remaining(self) -> int | None:
+        return self.cap - self.spent
+
+    @property
+    def unavailable(self) -> str | None:
+        return getattr(self.inner, "unavailable", None)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
 # The requests sent by the current asyncio task, when it counts them (`counting_requests`):
 # a client's figures are shared by every unit in flight, a unit's own count is not.
 _TASK_REQUESTS: ContextVar[list[int] | None] = ContextVar("crisp_task_requests", default=None)

@@ -37,9 +37,10 @@ Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 SNAPSHOT_KEYS = {"identifier": pl.String, "people_id": pl.String, "email": pl.String,
                  "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
                  "verified_at": pl.Datetime("us", "UTC")}
-# `verified_at`: when Crisp last *showed* us the person and every managed field (a read, or
-# an answer about that very person); a `PATCH batch/data` is accepted for people Crisp does
-# not hold, so it confirms values but never verifies. Reconcile re-reads the oldest first.
+# `verified_at`: when Crisp last *showed* us the person and every managed field (a read by
+# adoption or reconcile, or our create of them); other writes confirm the values they sent but
+# verify nothing (`PATCH batch/data` is accepted even for people Crisp no longer holds).
+# Reconcile re-reads the oldest first.
 # `origin`: `created` (this activation created the person in Crisp) or `adopted` (they were
 # in Crisp before it found them). A text that is not JSON, so it never equals a confirmed value:
 # the field was added to the configuration and must be written, a null as a clear.

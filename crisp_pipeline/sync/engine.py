@@ -49,9 +49,6 @@ from .profiles import held_values, profile_body
 # a person's status is the worst of their units'; `pending` until a unit of theirs is tried
 STATUS_RANK = {"pending": -1, "ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
 PHASES = ("delete", "update", "create")
-# steps whose success proves that Crisp holds the person: not `batch_data`, which Crisp
-# accepts (202) for people it does not hold
-PROVES_EXISTENCE = frozenset({"create", "profile", "data"})
 
 
 @dataclass
@@ -83,7 +80,11 @@ class Person:
     open_units: int = 0  # units made for this person and not tried yet
     confirmed: dict[str, str] = field(default_factory=dict)  # field -> JSON text
     origin: str | None = None  # a create: `created`, or `adopted` when Crisp already had them
-    verified: bool = False  # an answer about this very person proved Crisp holds them
+    # Crisp holds exactly what we sent and nothing else (a person we just created): as good as
+    # a read of every field. Other writes verify nothing: a write shows neither the fields it
+    # did not touch, nor (`PATCH batch/data`, 202 for people Crisp does not hold) that the
+    # person still exists
+    verified: bool = False
 
     def settle(self, status: str) -> None:
         if STATUS_RANK[status] > STATUS_RANK[self.status]:
@@ -279,9 +280,6 @@ class SyncEngine:
                 with counting_requests() as sent:
                     await unit.send()
                 unit.confirms()
-                if unit.step in PROVES_EXISTENCE:
-                    for person in unit.people:
-                        person.verified = True
                 self._failures_in_a_row = 0
                 self._summary.units[unit.step] += 1
             except StopRun as error:
@@ -357,7 +355,7 @@ class SyncEngine:
         async def send() -> None:
             try:
                 person.people_id = await self.client.create_profile(body)
-                person.origin = "created"
+                person.origin, person.verified = "created", True
                 # a new person holds nothing but what we send: every unsent field is empty,
                 # except the nickname Crisp requires, which may be a stand-in (left unknown)
                 person.confirmed.update({f: JSON_NULL for f in fields

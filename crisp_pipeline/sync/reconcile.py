@@ -32,7 +32,7 @@ from crisp_pipeline.changes import reconcile as pricing
 from crisp_pipeline.changes.encode import same_value
 from crisp_pipeline.crisp import (BudgetExhausted, CrispClient, CrispSettings, RetryLater,
                                   RowRejected, contract)
-from crisp_pipeline.crisp.pacing import RequestStats
+from crisp_pipeline.crisp.pacing import CappedBudget, RequestStats
 from crisp_pipeline.state.budget import remaining_today
 from crisp_pipeline.state.store import SNAPSHOT_KEYS, UNCONFIRMED, Connect, StateStore, now
 
@@ -161,7 +161,7 @@ async def _reconcile_reads(client: CrispClient, queue: pl.DataFrame, allowance: 
     if choice.method == "listing":
         try:
             await _list_website(client, set(ids), reads)
-        except RetryLater as error:  # an unfinished listing proves nobody's absence
+        except (RetryLater, RowRejected) as error:  # unfinished: proves nobody's absence
             reads.stopped = f"the listing could not be finished: {error}"
         else:
             # missing from the listing: looked up before being forgotten (a listing read
@@ -198,10 +198,14 @@ def reconcile_snapshot(store: StateStore, fields: list[str], policy: ReconcilePo
 
     async def read() -> _Reads:
         async with open_client(settings, options, connect) as client:
+            if allowance is not None:  # a ceiling, retries included
+                client.budget = CappedBudget(client.budget, allowance)
             try:
                 return await _reconcile_reads(client, queue, allowance, wants_data, report,
                                               consider_listing)
-            except RetryLater as error:  # the count or a listing page failed: nothing learned
+            except (RetryLater, RowRejected) as error:
+                # the count failed (Crisp refused or kept failing): nothing learned, and the
+                # run goes on without a reconcile
                 return _Reads(stopped=str(error))
             finally:
                 report.stats = client.stats
