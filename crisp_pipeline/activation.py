@@ -142,6 +142,10 @@ class ActivationConfig(_Model):
         "runs out, what comes last waits for the next run.")
     batch_size: Annotated[int, Field(ge=1, le=contract.MAX_BATCH_PROFILES)] = \
         contract.MAX_BATCH_PROFILES
+    history_days: Annotated[float, Field(ge=0)] = Field(
+        default=90.0, description="How long the history tables (`change_set_history`, "
+        "`outcomes`, `runs`, `drift`) keep their rows; 0 keeps them forever. The audit of "
+        "deletions (`deletions`) is always kept.")
 
     @field_validator("order")
     @classmethod

@@ -357,13 +357,11 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                     "(they are retried next run; see table `outcomes`).")
     def no_failed_writes(context: dg.AssetCheckExecutionContext,
                          crisp_db: DuckDBResource) -> dg.AssetCheckResult:
-        outcomes = _store(crisp_db, config).read("outcomes")
-        mine = (outcomes.filter(pl.col("run_id") == context.op_execution_context.run.run_id)
-                if outcomes.height else outcomes)
-        failed = mine.filter(pl.col("status").is_in(["rejected", "deferred"])) if mine.height else mine
-        by_reason = (dict(failed.group_by("reason").len().iter_rows()) if failed.height else {})
-        return dg.AssetCheckResult(passed=failed.is_empty(), severity=dg.AssetCheckSeverity.WARN,
-                                   description=f"{failed.height} write(s) refused or deferred",
+        by_reason = _store(crisp_db, config).failed_outcomes(
+            context.op_execution_context.run.run_id)
+        failed = sum(by_reason.values())
+        return dg.AssetCheckResult(passed=not failed, severity=dg.AssetCheckSeverity.WARN,
+                                   description=f"{failed} write(s) refused or deferred",
                                    metadata={"by_reason": by_reason})
 
     assets = [segment, crisp_snapshot, change_set, crisp_sync]
@@ -573,6 +571,7 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
     reconcile: dict[str, float] = {}
     order: list[str] | None = None
     batch_size: int | None = None
+    history_days: float | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> "CrispActivation":

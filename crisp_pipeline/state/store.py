@@ -553,6 +553,41 @@ class StateStore:
         with self._session() as connection:
             self._append(connection, "runs", pl.DataFrame([run], schema=RUN_SCHEMA))
 
+    # what each history table is dated by; `deletions` (the audit of who mirror deleted) is
+    # kept for good
+    HISTORY = {"change_set_history": "computed_at", "outcomes": "at", "runs": "finished_at",
+               "drift": "found_at"}
+
+    def prune_history(self, older_than: datetime) -> dict[str, int]:
+        """Delete history rows dated before `older_than`; returns the rows deleted per table.
+        The latest run is always kept (`applied_run_ids` needs it)."""
+        pruned: dict[str, int] = {}
+        with self._transaction() as connection:
+            for name, column in self.HISTORY.items():
+                if not self._exists(connection, name) or \
+                        column not in self._columns(connection, name):
+                    continue
+                keep_latest = (f" and run_id not in (select run_id from {self.table(name)} "
+                               f"order by {quote(column)} desc limit 1)"
+                               if "run_id" in self._columns(connection, name) else "")
+                deleted = connection.execute(
+                    f"delete from {self.table(name)} where {quote(column)} < ?{keep_latest}",
+                    [older_than]).fetchone()
+                pruned[name] = int(deleted[0]) if deleted else 0
+        return pruned
+
+    def failed_outcomes(self, run_id: str) -> dict[str, int]:
+        """Run `run_id`'s refused or deferred writes, by reason (counted in SQL: the
+        `outcomes` table of a large activation is never loaded for a check)."""
+        with self._session(writing=False) as connection:
+            if not self._exists(connection, "outcomes"):
+                return {}
+            rows = connection.execute(
+                f"select coalesce(reason, status), count(*) from {self.table('outcomes')} "
+                "where run_id = ? and status in ('rejected', 'deferred') group by 1",
+                [run_id]).fetchall()
+        return {reason: int(n) for reason, n in rows}
+
     def applied_run_ids(self) -> set[str]:
         with self._session(writing=False) as connection:
             if not self._exists(connection, "runs"):

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import polars as pl
@@ -42,6 +43,7 @@ class SyncReport:
     planned: dict[str, int]
     summary: SyncSummary = field(default_factory=SyncSummary)
     stats: RequestStats = field(default_factory=RequestStats)
+    pruned: dict[str, int] = field(default_factory=dict)  # history rows past retention
 
     @property
     def deferred_reason(self) -> str | None:
@@ -74,6 +76,7 @@ class SyncReport:
             if self.summary.seconds else 0.0,
             "outcomes": outcomes, "units_sent": dict(self.summary.units),
             "requests_by_route": self.stats.as_dict()["by_route_status"],
+            "history_rows_pruned": self.pruned,
         }
 
 
@@ -147,6 +150,8 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         "unidentified_rows": store.count("unidentified"),
         "held_departures": held,
     })
+    if config.history_days:
+        report.pruned = store.prune_history(now() - timedelta(days=config.history_days))
     if not dry_run:
         store.confirm_absences(run_id)
         if config.mode == Mode.MIRROR and report.summary.stopped is None and not held:
