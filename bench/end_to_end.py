@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import logging
+
 import duckdb
 import numpy as np
 import polars as pl
@@ -167,16 +169,21 @@ class Runner:
     def run(self) -> tuple[float, dict[str, float], int]:
         """(seconds, seconds per step, requests sent)."""
         started = time.perf_counter()
-        result = self.job.execute_in_process(instance=self.instance, raise_on_error=True)
+        result = self.job.execute_in_process(instance=self.instance, raise_on_error=True,
+                                             run_config={"loggers": {"console": {"config": {
+                                                 "log_level": "WARNING"}}}})
         seconds = time.perf_counter() - started
         per_step: dict[str, float] = {}
         begun: dict[str, float] = {}
-        for event in result.all_events:
+        for record in self.instance.all_logs(result.run_id):
+            event = record.dagster_event
+            if event is None:
+                continue
             key = (event.step_key or "").removeprefix(f"{self.name}__")
             if event.event_type_value == "STEP_START":
-                begun[key] = event.timestamp
+                begun[key] = record.timestamp
             elif event.event_type_value == "STEP_SUCCESS" and key in begun:
-                per_step[key] = event.timestamp - begun[key]
+                per_step[key] = record.timestamp - begun[key]
         sync = result.asset_materializations_for_node(f"{self.name}__crisp_sync")
         sent = sync[0].metadata["requests_sent"].value if sync else -1
         return seconds, per_step, int(sent)

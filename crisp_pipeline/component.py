@@ -243,8 +243,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                     "warns when some are.")
     def segment_usable(context: dg.AssetCheckExecutionContext,
                        crisp_db: DuckDBResource) -> dg.AssetCheckResult:
-        accepted, rejected = _store(crisp_db, config).read_segment()
-        result = _segment_verdict(accepted, rejected)
+        result = _verdict(*_store(crisp_db, config).segment_counts())
         if not result.passed and result.severity == dg.AssetCheckSeverity.ERROR:
             _release_activation(context.op_execution_context, crisp_db, config)
         return result
@@ -384,18 +383,23 @@ def _stage(store: StateStore, config: ActivationConfig, source: DuckDBSource, ru
 
 
 def _segment_verdict(accepted: pl.DataFrame, rejected: pl.DataFrame) -> dg.AssetCheckResult:
-    bad = _rejected_rows(rejected)
     reasons = (dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {})
-    if bad and accepted.is_empty():
+    return _verdict(accepted.height, _rejected_rows(rejected), reasons)
+
+
+def _verdict(accepted: int, bad: int, reasons: dict[str, int]) -> dg.AssetCheckResult:
+    """segment_usable: an error when every row of a non-empty segment is rejected, a warning
+    when some are or when the segment is empty."""
+    if bad and not accepted:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
                                    description=f"all {bad} rows were rejected",
                                    metadata={"rejected_by_reason": reasons})
-    if not bad and accepted.is_empty():
+    if not bad and not accepted:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
                                    description="the segment is empty")
     return dg.AssetCheckResult(
         passed=bad == 0, severity=dg.AssetCheckSeverity.WARN,
-        description=f"{bad} row(s) rejected, {accepted.height} accepted",
+        description=f"{bad} row(s) rejected, {accepted} accepted",
         metadata={"rejected_by_reason": reasons})
 
 
@@ -444,11 +448,10 @@ class _Preparation:
                              "`website_id` or CRISP_WEBSITE_ID")
         changes = apply_configuration_changes(store, config, self.run_id,
                                               self.options.dry_run)
-        accepted, rejected = store.read_segment()
-        rekeyed = rekey_moved_people(store, accepted, rejected)
+        rekeyed = rekey_moved_people(store)
         try:
             report = adopt_new_people(
-                store, config, accepted, rejected, _settings_factory(self.crisp, config),
+                store, config, _settings_factory(self.crisp, config),
                 self.crisp.client_options(), _connector(self.crisp_db),
                 _website_lock(self.context, self.crisp_db, store, config, self.options))
         except StopRun as error:

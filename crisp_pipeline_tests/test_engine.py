@@ -39,13 +39,14 @@ def create(identifier: str, **values: object) -> dict:
 
 
 def apply(handler, rows, *, fields=("person.nickname", "data.plan"), budget=None,
-          deadline=None, on_batch=None, request_deadline=30.0, **engine_options):
+          deadline=None, on_batch=None, request_deadline=30.0, max_in_flight=8,
+          **engine_options):
     batches: list[Batch] = []
 
     async def go():
         client = CrispClient(SETTINGS, transport=httpx.MockTransport(handler), retry=QUICK,
                              budget=budget, request_deadline=request_deadline,
-                             deadline=deadline)
+                             deadline=deadline, max_in_flight=max_in_flight)
         async with client:
             engine = SyncEngine(client, list(fields), deadline=deadline, **engine_options)
             summary = await engine.apply(rows, on_batch or batches.append)
@@ -165,13 +166,14 @@ def test_a_busy_state_store_stops_sending_and_records_everything_confirmed_later
     def handler(request):
         return ok()
     rows = [update(f"p{i}", **{"person.nickname": "N"}) for i in range(10)]
-    summary, stats, _ = apply(handler, rows, on_batch=on_batch, chunk=2)
+    summary, stats, _ = apply(handler, rows, on_batch=on_batch, chunk=2, max_in_flight=1)
     steps = steps_of(recorded)
-    assert stats.sent == 2  # the first chunk went out; then sending stopped
-    assert {s.identifier for s in steps if s.status == "ok"} == {"p0", "p1"}
-    assert {s.identifier for s in steps if s.status == "deferred"} == {
-        f"p{i}" for i in range(2, 10)}
-    assert summary.state_unavailable
+    # sending stops once recording fails (sending runs at most two chunks ahead of it)
+    assert 2 <= stats.sent <= 6
+    sent_ok = {s.identifier for s in steps if s.status == "ok"}
+    deferred = {s.identifier for s in steps if s.status == "deferred"}
+    assert len(sent_ok) == stats.sent and sent_ok | deferred == {f"p{i}" for i in range(10)}
+    assert not sent_ok & deferred and summary.state_unavailable
 
 
 def test_a_store_busy_for_good_raises_after_the_last_wait():

@@ -235,13 +235,68 @@ class StateStore:
         return row[0] if row else None
 
     def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame,
-                      unidentified: pl.DataFrame, run_id: str) -> None:
+                      unidentified: pl.DataFrame, run_id: str) -> dict[str, int]:
+        """Keep this run's segment; returns the accepted rows written and deleted (see
+        `_write_segment_changes`)."""
         with self._transaction() as connection:
-            self._replace(connection, "segment", accepted)
+            written = self._write_segment_changes(connection, accepted)
             self._replace(connection, "rejected",
                           rejected.with_columns(pl.lit(run_id).alias("run_id")))
             self._replace(connection, "unidentified", unidentified)
             self._mark_stage(connection, "segment", run_id)
+        return written
+
+    # Rewriting a large segment costs more than everything else a run does when little
+    # changed; more than this share of changed rows, a rewrite is cheaper than a delta.
+    REWRITE_SHARE = 0.3
+
+    def _write_segment_changes(self, connection: duckdb.DuckDBPyConnection,
+                               accepted: pl.DataFrame) -> dict[str, int]:
+        """Write only the accepted rows that changed: each row carries `row_hash`, a 64-bit
+        hash of its values (identifier, email, every field; not its position, `row_number`,
+        which is the row's position when it was last written). Rows whose identifier and
+        hash are already stored are left alone; the others are deleted and inserted. A new
+        table, a changed set of columns (a configuration change) or a large change rewrites
+        the table."""
+        hashed = accepted.with_columns(
+            accepted.drop("row_number", strict=False).hash_rows(seed=17).alias("row_hash"))
+        table = self.table("segment")
+        if not self._exists(connection, "segment") or \
+                self._columns(connection, "segment") != hashed.columns:
+            self._replace(connection, "segment", hashed)
+            return {"written": hashed.height, "deleted": 0}
+        stored = connection.execute(f"select identifier, row_hash from {table}").pl()
+        keys = hashed.select("identifier", "row_hash")
+        arriving = keys.join(stored, on=["identifier", "row_hash"], how="anti")
+        leaving = stored.join(keys, on=["identifier", "row_hash"], how="anti")
+        if arriving.height + leaving.height > self.REWRITE_SHARE * max(hashed.height, 1):
+            self._replace(connection, "segment", hashed)
+            return {"written": hashed.height, "deleted": stored.height}
+        if not leaving.is_empty():
+            connection.register("leaving", leaving.select("identifier").to_arrow())
+            connection.execute(f"delete from {table} where identifier in "
+                               "(select identifier from leaving)")
+            connection.unregister("leaving")
+        if not arriving.is_empty():
+            connection.register("arriving", hashed.join(arriving.select("identifier"),
+                                                        on="identifier").to_arrow())
+            connection.execute(f"insert into {table} by name select * from arriving")
+            connection.unregister("arriving")
+        return {"written": arriving.height, "deleted": leaving.height}
+
+    def segment_counts(self) -> tuple[int, int, dict[str, int]]:
+        """(accepted rows, rejected rows, rejections by reason) of the staged segment, counted
+        in SQL (a check never loads the segment)."""
+        with self._session(writing=False) as connection:
+            accepted = (connection.execute(f"select count(*) from {self.table('segment')}")
+                        .fetchone()[0] if self._exists(connection, "segment") else 0)
+            if not self._exists(connection, "rejected"):
+                return int(accepted), 0, {}
+            rows = connection.execute(f"select count(distinct row_number) from "
+                                      f"{self.table('rejected')}").fetchone()[0]
+            reasons = dict(connection.execute(f"select reason, count(*) from "
+                                              f"{self.table('rejected')} group by 1").fetchall())
+        return int(accepted), int(rows), {k: int(v) for k, v in reasons.items()}
 
     def read_segment(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(accepted, rejected) as the last `segment` materialization left them."""
@@ -638,13 +693,56 @@ class StateStore:
             if not drift.is_empty():
                 self._append(connection, "drift", drift)
 
-    def snapshot_keys(self) -> pl.DataFrame:
-        """The identifier, people_id and email of this website's managed people."""
+    # ---------------------------------------------------------------- segment against snapshot
+    # (in SQL, inside the state file: a step that needs only the few rows that differ never
+    # loads the whole segment or the whole snapshot into Python)
+
+    def arrivals(self, fields: list[str], *, unclaimed_emails: bool = False) -> pl.DataFrame:
+        """Accepted segment rows whose identifier is not managed on this website (identifier,
+        email and `fields`); with `unclaimed_emails`, only those whose email no managed person
+        holds either."""
         with self._session() as connection:
             self._ensure_snapshot(connection, [])
+            if not self._exists(connection, "segment"):
+                return pl.DataFrame(schema={"identifier": pl.String, "email": pl.String,
+                                            **{f: pl.String for f in fields}})
+            columns = ", ".join(f"s.{quote(c)}" for c in ["identifier", "email", *fields])
+            snapshot = self.table("snapshot")
+            where = ""
+            if unclaimed_emails:
+                where = (f" and lower(s.email) not in (select lower(email) from {snapshot} "
+                         "where website_id = $1 and email is not null)")
             return connection.execute(
-                f"select identifier, people_id, email from {self.table('snapshot')} "
-                "where website_id = ?", [self._website()]).pl()
+                f"select {columns} from {self.table('segment')} s where not exists (select 1 "
+                f"from {snapshot} k where k.website_id = $1 and k.identifier = s.identifier)"
+                f"{where}", [self._website()]).pl()
+
+    def unnamed_managed(self) -> pl.DataFrame:
+        """Managed people (identifier, people_id, email) whose identifier no row of the staged
+        segment names, accepted or rejected."""
+        with self._session() as connection:
+            self._ensure_snapshot(connection, [])
+            named = [f"select identifier from {self.table(t)} where identifier is not null"
+                     for t in ("segment", "rejected") if self._exists(connection, t)]
+            source = " union all ".join(named) or "select null::varchar as identifier"
+            return connection.execute(
+                f"select identifier, people_id, email from {self.table('snapshot')} k where "
+                f"website_id = ? and identifier not in ({source})", [self._website()]).pl()
+
+    def holders(self, people_ids: list[str]) -> dict[str, str]:
+        """people_id -> identifier, for those of `people_ids` managed on this website."""
+        if not people_ids:
+            return {}
+        with self._session() as connection:
+            self._ensure_snapshot(connection, [])
+            connection.register("wanted", pl.DataFrame(
+                {"people_id": people_ids}, schema={"people_id": pl.String}).to_arrow())
+            rows = connection.execute(
+                f"select people_id, identifier from {self.table('snapshot')} where "
+                "website_id = ? and people_id in (select people_id from wanted)",
+                [self._website()]).fetchall()
+            connection.unregister("wanted")
+        return dict(rows)
 
     def read(self, name: str) -> pl.DataFrame:
         """Any table of this activation (for the CLI, the demo and tests)."""

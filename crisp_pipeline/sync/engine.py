@@ -132,7 +132,7 @@ class SyncEngine:
                  chunk: int = 200, max_consecutive_failures: int = 25,
                  progress: Callable[[int, int, float], None] | None = None,
                  planned_at_ms: float | None = None,
-                 managed_people_ids: set[str] | frozenset[str] = frozenset(),
+                 is_managed: Callable[[str], bool] = lambda people_id: False,
                  delete_gate: Callable[[list[str]], AbstractContextManager[set[str]]]
                  | None = None, deadline: float | None = None,
                  record_attempts: int = 5) -> None:
@@ -144,7 +144,7 @@ class SyncEngine:
         self.max_consecutive_failures = max_consecutive_failures
         self.progress = progress
         self.planned_at_ms = planned_at_ms
-        self.managed_people_ids = managed_people_ids
+        self.is_managed = is_managed  # whether a people_id is managed here (a state lookup)
         self.delete_gate = delete_gate or (lambda people_ids: contextlib.nullcontext(set()))
         self.deadline = deadline  # time.monotonic() past which no unit starts
         self.record_attempts = record_attempts
@@ -246,26 +246,58 @@ class SyncEngine:
                     raise
 
     async def _run(self, units: list[Unit], on_batch: Callable[[Batch], None]) -> None:
-        # units start no faster than the client can send them, so that a stop, an empty
-        # budget or an open circuit is seen by every unit not yet started
+        """Keep `max_in_flight` units going continuously (a slot freed is a unit started, no
+        waiting for a chunk to drain) and record finished units `chunk` at a time in the
+        background, one recording at a time, while the next units are in flight. Units start
+        no faster than the client can send them, so that a stop, an empty budget or an open
+        circuit is seen by every unit not yet started."""
         slots = asyncio.Semaphore(self.client.max_in_flight)
+        finished: list[tuple[Unit, list[StepOutcome]]] = []
+        in_flight: set[asyncio.Task] = set()
+        recording: asyncio.Task | None = None
 
-        async def attempt(unit: Unit) -> list[StepOutcome]:
-            async with slots:
-                return await self._attempt(unit)
+        async def attempt(unit: Unit) -> None:
+            try:
+                finished.append((unit, await self._attempt(unit)))
+            finally:
+                slots.release()
 
-        for start in range(0, len(units), self.chunk):
-            chunk = units[start:start + self.chunk]
-            results = await asyncio.gather(*(attempt(unit) for unit in chunk))
-            steps = [step for result in results for step in result]
-            touched = {id(p): p for unit in chunk for p in unit.people}
-            await self._hand_over(Batch(steps, list(touched.values())), on_batch)
-            self._done += sum(1 for unit in chunk if unit.step != "data")
-            if self.progress:
-                await asyncio.to_thread(self.progress, min(self._done, self._total),
-                                        self._total, time.monotonic() - self._started)
-            if self._summary.stopped is not None:
-                raise self._summary.stopped
+        def record_finished() -> asyncio.Task:
+            taken = finished[:]
+            finished.clear()
+            return asyncio.create_task(self._record(taken, on_batch))
+
+        for unit in units:
+            await slots.acquire()
+            behind = recording is not None and not recording.done()
+            if len(finished) >= self.chunk and (not behind or len(finished) >= 2 * self.chunk):
+                # sending never runs more than two chunks ahead of recording: what Crisp
+                # confirmed is committed soon, and a state store that cannot record stops
+                # the run sending
+                if recording is not None:
+                    await recording  # surfaces its error, if any
+                recording = record_finished()
+            task = asyncio.create_task(attempt(unit))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.gather(*in_flight)
+        if recording is not None:
+            await recording
+        if finished:
+            await record_finished()
+        if self._summary.stopped is not None:
+            raise self._summary.stopped
+
+    async def _record(self, finished: list[tuple[Unit, list[StepOutcome]]],
+                      on_batch: Callable[[Batch], None]) -> None:
+        steps = [step for _, result in finished for step in result]
+        touched = {id(p): p for unit, _ in finished for p in unit.people}
+        await self._hand_over(Batch(steps, list(touched.values())), on_batch)
+        self._done += sum(1 for unit, _ in finished if unit.step != "data")
+        if self.progress:
+            await asyncio.to_thread(self.progress, min(self._done, self._total),
+                                    self._total, time.monotonic() - self._started)
 
     async def _attempt(self, unit: Unit) -> list[StepOutcome]:
         self._unit_ids += 1
@@ -368,7 +400,7 @@ class SyncEngine:
                 existing = await self.client.get_profile(person.email)
                 if existing is None:
                     raise
-                if existing["people_id"] in self.managed_people_ids:
+                if await asyncio.to_thread(self.is_managed, existing["people_id"]):
                     raise RowRejected(
                         error.method, error.path, error.status, Reason.PEOPLE_EXISTS,
                         "the email is a person's this activation already manages under "

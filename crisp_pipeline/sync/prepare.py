@@ -82,28 +82,20 @@ def apply_configuration_changes(store: StateStore, config: ActivationConfig, run
     return changes
 
 
-def source_identifiers(accepted: pl.DataFrame, rejected: pl.DataFrame) -> pl.Series:
-    """Every identifier the source names, in accepted and rejected rows alike."""
-    return pl.concat([accepted.get_column("identifier"),
-                      rejected.get_column("identifier")]).drop_nulls()
-
-
-def rekey_moved_people(store: StateStore, accepted: pl.DataFrame, rejected: pl.DataFrame) -> int:
+def rekey_moved_people(store: StateStore) -> int:
     """A new identifier whose email is a managed person's, whose own identifier is no longer
     in the source, is that person under a new identifier (the identifier configuration or
-    the person's external id changed): re-key them, never delete and re-create them."""
-    keys = store.snapshot_keys()
-    if keys.is_empty() or accepted.is_empty():
+    the person's external id changed): re-key them, never delete and re-create them.
+    (Both sides come from SQL: only the people who differ are loaded.)"""
+    unnamed_people = store.unnamed_managed()
+    if unnamed_people.is_empty():
         return 0
-    named = source_identifiers(accepted, rejected).implode()
-    unnamed_people = (keys.filter(~pl.col("identifier").is_in(named))
-                      .select(pl.col("identifier").alias("old_identifier"),
-                              pl.col("email").str.to_lowercase().alias("email_key")))
-    arrivals = (accepted.filter(~pl.col("identifier").is_in(keys.get_column("identifier")
-                                                            .implode()))
-                .select(pl.col("identifier").alias("new_identifier"),
-                        pl.col("email").str.to_lowercase().alias("email_key")))
-    moves = (unnamed_people.join(arrivals, on="email_key", how="inner")
+    arrivals = store.arrivals([])
+    moves = (unnamed_people.select(pl.col("identifier").alias("old_identifier"),
+                                   pl.col("email").str.to_lowercase().alias("email_key"))
+             .join(arrivals.select(pl.col("identifier").alias("new_identifier"),
+                                   pl.col("email").str.to_lowercase().alias("email_key")),
+                   on="email_key", how="inner")
              .unique("old_identifier", keep="none").unique("new_identifier", keep="none"))
     return store.rekey(moves)
 
@@ -122,8 +114,8 @@ class AdoptionReport:
     stats: RequestStats = field(default_factory=RequestStats)
 
 
-def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.DataFrame,
-                     rejected: pl.DataFrame, settings_factory: Callable[[], CrispSettings],
+def adopt_new_people(store: StateStore, config: ActivationConfig,
+                     settings_factory: Callable[[], CrispSettings],
                      options: ClientOptions, connect: Connect,
                      website_lock: Callable[[], AbstractContextManager[None]]) -> AdoptionReport:
     """Look up, by email, the segment's people the snapshot does not know yet.
@@ -136,10 +128,7 @@ def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.D
     website's lock, so that no mirror deletes a person while another activation adopts them.
     """
     fields = list(config.managed_columns)
-    keys = store.snapshot_keys()
-    new = (accepted.join(keys.select("identifier"), on="identifier", how="anti")
-           .filter(~pl.col("email").str.to_lowercase().is_in(
-               keys.get_column("email").drop_nulls().str.to_lowercase().implode())))
+    new = store.arrivals(fields, unclaimed_emails=True)
     report = AdoptionReport(looked_up=new.height)
     if new.is_empty():
         return report
@@ -153,11 +142,12 @@ def adopt_new_people(store: StateStore, config: ActivationConfig, accepted: pl.D
                 report.stats = client.stats
     with website_lock():
         result = asyncio.run(look_up())
-        holder_of = dict(keys.select("people_id", "identifier").iter_rows())
-        in_source = set(source_identifiers(accepted, rejected).to_list())
+        holder_of = store.holders([a.people_id for a in result.adopted])
+        unnamed = set(store.unnamed_managed().get_column("identifier").to_list()) \
+            if holder_of else set()
         adopted = [a for a in result.adopted if a.people_id not in holder_of]
         moved = [a for a in result.adopted
-                 if a.people_id in holder_of and holder_of[a.people_id] not in in_source]
+                 if a.people_id in holder_of and holder_of[a.people_id] in unnamed]
         report.conflicts = len(result.adopted) - len(adopted) - len(moved)
         report.adopted, report.unanswered, report.method = (len(adopted), result.unanswered,
                                                             result.method)
@@ -222,7 +212,8 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
     snapshot = store.read_snapshot(fields)
     context = None
     if config.mode == Mode.MIRROR:
-        departed_ids = _departed_people_ids(snapshot, accepted, rejected)
+        # managed people the source does not name: a superset of the departed
+        departed_ids = store.unnamed_managed().get_column("people_id").to_list()
         context = DepartureContext(
             website_id=store.website_id or "",
             new_unidentified_rows=new_unidentified_rows(store.read("unidentified"),
@@ -236,13 +227,6 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
     store.plan_absences(planned.absences if planned.absences is not None
                         else pl.DataFrame(schema=ABSENCE_SCHEMA), run_id)
     return Plan(planned, current_verdict(store, config))
-
-
-def _departed_people_ids(snapshot: pl.DataFrame, accepted: pl.DataFrame,
-                         rejected: pl.DataFrame) -> list[str]:
-    """Managed people whose identifier is not in the source (a superset of the departed)."""
-    named = source_identifiers(accepted, rejected).implode()
-    return snapshot.filter(~pl.col("identifier").is_in(named)).get_column("people_id").to_list()
 
 
 def current_verdict(store: StateStore, config: ActivationConfig) -> GuardVerdict:

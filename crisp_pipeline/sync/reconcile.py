@@ -190,9 +190,11 @@ def reconcile_snapshot(store: StateStore, fields: list[str], policy: ReconcilePo
         policy.budget_share, policy.max_requests,
         remaining_today(connect, settings.token_identifier, settings.daily_quota))
     report = ReconcileReport(full=full, allowance=allowance)
+    if allowance == 0:
+        return report
     due = None if full else now() - timedelta(hours=policy.verify_every_hours)
     queue = store.reconcile_queue(fields, due)
-    if queue.is_empty() or allowance == 0:
+    if queue.is_empty():
         return report
     wants_data = any(crisp_fields.is_data_field(f) for f in fields)
 

@@ -109,7 +109,6 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
     fields = list(config.managed_columns)
     if not dry_run and not work.is_empty():
         computed_at = work.get_column("computed_at")[0]
-        managed = set(store.snapshot_keys().get_column("people_id").to_list())
 
         def record(batch: Batch) -> None:
             store.record_batch(*outcome_frames(batch, run_id, fields, store.website_id or ""),
@@ -129,7 +128,9 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                     engine = SyncEngine(client, fields, order=config.order,
                                         batch_size=config.batch_size, progress=progress,
                                         planned_at_ms=computed_at.timestamp() * 1000,
-                                        managed_people_ids=managed, delete_gate=delete_gate,
+                                        is_managed=lambda people_id: bool(
+                                            store.holders([people_id])),
+                                        delete_gate=delete_gate,
                                         deadline=options.deadline)
                     return await engine.apply(work.to_dicts(), record)
                 finally:
