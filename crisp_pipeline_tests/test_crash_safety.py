@@ -78,7 +78,9 @@ def test_killing_the_sync_at_random_points_never_duplicates_or_loses_anything(
         started = time.monotonic()
         clean = pipeline.run()  # the clean run after the crash
         run_seconds = max(time.monotonic() - started, 1.0)
-        assert pipeline.metadata(clean, "crisp_sync").get("people_deferred", 0) == 0, trial
+        sync = pipeline.metadata(clean, "crisp_sync")
+        assert sync.get("people_deferred", 0) == 0, (trial, sync.get("deferred_because"),
+                                                     sync.get("outcomes"))
         people = emulator.emulator.people(WEBSITE)
         assert len(people) == len({p["email"] for p in people}) == len(source), trial
         held = {p["email"]: (p["person"]["nickname"], p["data"]) for p in people}

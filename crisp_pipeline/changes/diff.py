@@ -93,9 +93,14 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
 
 def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.DataFrame,
                  config: ActivationConfig,
-                 departures: DepartureContext | None = None) -> PlannedChanges:
+                 departures: DepartureContext | None = None,
+                 managed_emails: pl.Series | None = None) -> PlannedChanges:
     """The change set; for a mirror, `departures` decides the fate of people who left (without
-    it, every departure is a deletion: for benchmarks and tests of the diff alone)."""
+    it, every departure is a deletion: for benchmarks and tests of the diff alone).
+
+    `segment` and `snapshot` may be only the rows whose values differ (the state store finds
+    them by stored row hashes); then `managed_emails` must be every managed person's email,
+    since a new row's email may be held by a managed person whose row did not change."""
     fields = list(config.managed_columns)
     fingerprinted = [*fields, EMAIL]
     # 1. who differs at all: a join of identifiers and fingerprints only
@@ -123,7 +128,8 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
         snapshot.get_column(IDENTIFIER).implode())).get_column(EMAIL)
     source_emails = pl.concat([unmanaged, rejected.get_column(EMAIL)]
                               ).drop_nulls().str.to_lowercase().implode()
-    managed_emails = snapshot.get_column(EMAIL).drop_nulls().str.to_lowercase().implode()
+    managed_emails = (snapshot.get_column(EMAIL) if managed_emails is None else managed_emails
+                      ).drop_nulls().str.to_lowercase().implode()
     joined = (keys.lazy().join(new.lazy(), on="i_new", how="left")
               .join(old.lazy(), on="i_old", how="left")
               .with_columns(pl.col("i_new").is_not_null().alias("in_segment"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -73,6 +74,9 @@ ABSENCE_SCHEMA = {"website_id": pl.String, "identifier": pl.String,
                   "first_absent_at": pl.Datetime("us", "UTC"), "runs": pl.Int64}
 
 
+ROW_HASH_SEED = 17
+
+
 class StateUnavailable(RuntimeError):
     """The DuckDB file cannot be opened (not a DuckDB file, a folder, no permission...)."""
 
@@ -107,15 +111,30 @@ def open_duckdb(path: str, config: dict | None = None) -> duckdb.DuckDBPyConnect
             f"the DuckDB file {path!r} (CRISP_PIPELINE_DB) cannot be opened: {error}") from None
 
 
+# One connection to a file at a time per process: DuckDB refuses to open a file that another
+# thread of the process is opening ("already attached"), and the sync records, pays its budget
+# and looks people up from worker threads. Re-entrant: a thread may nest uses.
+_FILE_LOCKS: dict[str, threading.RLock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _file_lock(path: str) -> threading.RLock:
+    key = os.path.realpath(path)
+    with _FILE_LOCKS_GUARD:
+        return _FILE_LOCKS.setdefault(key, threading.RLock())
+
+
 def connect_file(path: str, config: dict | None = None) -> Connect:
-    """A `Connect` for a DuckDB file: a connection per use, always closed."""
+    """A `Connect` for a DuckDB file: a connection per use, always closed, one at a time in
+    this process."""
     @contextlib.contextmanager
     def connect() -> Iterator[duckdb.DuckDBPyConnection]:
-        connection = open_duckdb(path, config)
-        try:
-            yield connection
-        finally:
-            connection.close()
+        with _file_lock(path):
+            connection = open_duckdb(path, config)
+            try:
+                yield connection
+            finally:
+                connection.close()
     return connect
 
 
@@ -259,7 +278,8 @@ class StateStore:
         table, a changed set of columns (a configuration change) or a large change rewrites
         the table."""
         hashed = accepted.with_columns(
-            accepted.drop("row_number", strict=False).hash_rows(seed=17).alias("row_hash"))
+            accepted.drop("row_number", strict=False).hash_rows(seed=ROW_HASH_SEED)
+            .alias("row_hash"))
         table = self.table("segment")
         if not self._exists(connection, "segment") or \
                 self._columns(connection, "segment") != hashed.columns:
@@ -298,10 +318,12 @@ class StateStore:
                                               f"{self.table('rejected')} group by 1").fetchall())
         return int(accepted), int(rows), {k: int(v) for k, v in reasons.items()}
 
-    def read_segment(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """(accepted, rejected) as the last `segment` materialization left them."""
+    def read_segment(self, rejected_only: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(accepted, rejected) as the last `segment` materialization left them (accepted
+        empty with `rejected_only`)."""
         with self._session(writing=False) as connection:
-            return self._read(connection, "segment"), self._read(connection, "rejected")
+            accepted = pl.DataFrame() if rejected_only else self._read(connection, "segment")
+            return accepted, self._read(connection, "rejected")
 
     # ---------------------------------------------------------------- snapshot
 
@@ -321,6 +343,8 @@ class StateStore:
         have = set(self._columns(connection, "snapshot"))
         if "verified_at" not in have:  # a snapshot from before reconcile
             connection.execute(f"alter table {snapshot} add column verified_at timestamptz")
+        if "row_hash" not in have:  # see `refresh_row_hashes`
+            connection.execute(f"alter table {snapshot} add column row_hash ubigint")
         for field in fields:
             if field not in have:
                 connection.execute(f"alter table {snapshot} add column {quote(field)} varchar")
@@ -368,9 +392,10 @@ class StateStore:
         self._ensure_snapshot(connection, fields)
         columns = [c for c in [*SNAPSHOT_KEYS, *fields] if c in confirmed.columns]
         connection.register("confirmed_rows", confirmed.select(columns).to_arrow())
-        updates = ", ".join(f"{quote(c)} = coalesce(excluded.{quote(c)}, "
-                            f"{self.table('snapshot')}.{quote(c)})"
-                            for c in columns if c not in ("identifier", "origin"))
+        updates = ", ".join([f"{quote(c)} = coalesce(excluded.{quote(c)}, "
+                             f"{self.table('snapshot')}.{quote(c)})"
+                             for c in columns if c not in ("identifier", "origin")]
+                            + ["row_hash = null"])  # values changed: hashed again
         listed = ", ".join(quote(c) for c in columns)
         connection.execute(
             f"insert into {self.table('snapshot')} (website_id, {listed}) select ?, {listed} "
@@ -407,6 +432,7 @@ class StateStore:
                                                       "email").to_arrow())
             connection.execute(
                 f"update {self.table('snapshot')} as s set identifier = m.new_identifier, "
+                "row_hash = null, "
                 "email = coalesce(m.email, s.email) from moves as m where s.website_id = ? "
                 "and s.identifier = m.old_identifier", [self._website()])
             connection.unregister("moves")
@@ -419,7 +445,8 @@ class StateStore:
             return
         with self._transaction() as connection:
             self._ensure_snapshot(connection, fields)
-            sets = ", ".join(f"{quote(field)} = '{UNCONFIRMED}'" for field in fields)
+            sets = ", ".join([f"{quote(field)} = '{UNCONFIRMED}'" for field in fields]
+                             + ["row_hash = null"])
             connection.execute(f"update {self.table('snapshot')} set {sets}")
 
     def holders_elsewhere(self, people_ids: list[str]) -> set[str]:
@@ -692,6 +719,72 @@ class StateStore:
             self._forget(connection, gone)
             if not drift.is_empty():
                 self._append(connection, "drift", drift)
+
+    # ---------------------------------------------------------------- row hashes
+    # A row's hash covers its identifier, email and every managed field, hashed as the segment
+    # hashes its rows (`_write_segment_changes`): equal hashes, equal values. The snapshot's
+    # is NULL after any write to the row and computed again before the next diff, so that the
+    # diff loads the values of the rows that differ only.
+
+    def _hash_version(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Hashes are Polars' and may change with its version: a new version rehashes all."""
+        table = self.table("row_hash_version")
+        connection.execute(f"create table if not exists {table} (version varchar)")
+        row = connection.execute(f"select version from {table}").fetchone()
+        if row is None or row[0] != pl.__version__:
+            connection.execute(f"update {self.table('snapshot')} set row_hash = null")
+            connection.execute(f"delete from {table}")
+            connection.execute(f"insert into {table} values (?)", [pl.__version__])
+
+    def refresh_row_hashes(self, fields: list[str]) -> int:
+        """Hash the snapshot rows whose hash is unknown; returns how many."""
+        with self._transaction() as connection:
+            self._ensure_snapshot(connection, fields)
+            self._hash_version(connection)
+            columns = ", ".join(quote(c) for c in ["identifier", "email", *fields])
+            rows = connection.execute(
+                f"select {columns} from {self.table('snapshot')} where website_id = ? and "
+                "row_hash is null", [self._website()]).pl()
+            if rows.is_empty():
+                return 0
+            hashed = rows.select("identifier", rows.cast(pl.String).hash_rows(seed=ROW_HASH_SEED)
+                                 .alias("row_hash"))
+            connection.register("hashed", hashed.to_arrow())
+            connection.execute(f"update {self.table('snapshot')} as k set row_hash = h.row_hash "
+                               "from hashed h where k.website_id = ? and "
+                               "k.identifier = h.identifier", [self._website()])
+            connection.unregister("hashed")
+        return rows.height
+
+    def differing_rows(self, fields: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(segment rows, snapshot rows) of the identifiers whose row hashes differ (or that
+        only one side holds): everything the diff needs beyond the rows that are equal."""
+        with self._session() as connection:
+            self._ensure_snapshot(connection, fields)
+            if not self._exists(connection, "segment"):
+                return pl.DataFrame(), self.read_snapshot(fields)
+            connection.execute(
+                "create or replace temp table differing as select coalesce(s.identifier, "
+                f"k.identifier) as identifier from {self.table('segment')} s full outer join "
+                f"(select identifier, row_hash from {self.table('snapshot')} where "
+                "website_id = ?) k on s.identifier = k.identifier where s.row_hash is "
+                "distinct from k.row_hash", [self._website()])
+            segment = connection.execute(
+                f"select * from {self.table('segment')} where identifier in "
+                "(select identifier from differing)").pl()
+            columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
+            snapshot = connection.execute(
+                f"select {columns} from {self.table('snapshot')} where website_id = ? and "
+                "identifier in (select identifier from differing)", [self._website()]).pl()
+            connection.execute("drop table differing")
+        return segment, snapshot.cast({**SNAPSHOT_KEYS, **{f: pl.String for f in fields}})
+
+    def managed_emails(self) -> pl.Series:
+        with self._session() as connection:
+            self._ensure_snapshot(connection, [])
+            return connection.execute(f"select email from {self.table('snapshot')} where "
+                                      "website_id = ? and email is not null",
+                                      [self._website()]).pl().get_column("email")
 
     # ---------------------------------------------------------------- segment against snapshot
     # (in SQL, inside the state file: a step that needs only the few rows that differ never

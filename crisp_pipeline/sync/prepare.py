@@ -207,9 +207,11 @@ class Plan:
 def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
                     override_guards: bool) -> Plan:
     """Diff the segment and the snapshot, decide mirror's departures, keep the change set."""
-    accepted, rejected = store.read_segment()
     fields = list(config.managed_columns)
-    snapshot = store.read_snapshot(fields)
+    # only the rows whose values differ are loaded (stored row hashes, see the state store)
+    store.refresh_row_hashes(fields)
+    accepted, snapshot = store.differing_rows(fields)
+    _, rejected = store.read_segment(rejected_only=True)
     context = None
     if config.mode == Mode.MIRROR:
         # managed people the source does not name: a superset of the departed
@@ -221,7 +223,8 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
             absences=store.read_absences(),
             held_elsewhere=frozenset(store.holders_elsewhere(departed_ids)),
             override_guards=override_guards, now=now())
-    planned = plan_changes(accepted, rejected, snapshot, config, context)
+    planned = plan_changes(accepted, rejected, snapshot, config, context,
+                           managed_emails=store.managed_emails())
     store.write_change_set(planned.change_set, run_id)
     # who is absent now (nobody, outside mirror); kept once this run's sync applies it
     store.plan_absences(planned.absences if planned.absences is not None

@@ -1,0 +1,112 @@
+"""The diff over only the rows whose stored hashes differ plans exactly what the diff over
+everything plans: the state store's row hashes are a filter, never a change of meaning."""
+
+from __future__ import annotations
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.changes.diff import plan_changes
+from crisp_pipeline.state.store import UNCONFIRMED, StateStore, connect_file, now
+
+IDS = [f"p{i}@x.io" for i in range(12)]
+VALUES = ['"a"', '"b"', "null", "1", "1.0"]
+EMPTY_REJECTED = pl.DataFrame(schema={"row_number": pl.Int64, "identifier": pl.String,
+                                      "email": pl.String, "field": pl.String,
+                                      "reason": pl.String, "message": pl.String})
+
+segments = st.dictionaries(st.sampled_from(IDS), st.tuples(st.sampled_from(VALUES),
+                                                           st.sampled_from(VALUES)))
+snapshots = st.dictionaries(
+    st.sampled_from(IDS),
+    st.tuples(st.sampled_from([*VALUES, None, UNCONFIRMED]),
+              st.sampled_from([*VALUES, None, UNCONFIRMED]),
+              st.sampled_from([None, "other@x.io"])))
+
+
+def normalized(rows: dict) -> pl.DataFrame:
+    return pl.DataFrame(
+        [{"row_number": n, "identifier": i, "email": i, "person.nickname": a, "data.plan": b}
+         for n, (i, (a, b)) in enumerate(sorted(rows.items()), start=1)],
+        schema={"row_number": pl.Int64, "identifier": pl.String, "email": pl.String,
+                "person.nickname": pl.String, "data.plan": pl.String})
+
+
+def canonical(change_set: pl.DataFrame) -> list[tuple]:
+    return sorted(change_set.select("identifier", "op", "reason", "changed", "old_values",
+                                    "new_values", "data_values").iter_rows(),
+                  key=lambda row: str(row))
+
+
+@settings(max_examples=40, deadline=None)
+@given(segments, snapshots, st.sampled_from(["upsert", "mirror", "update_only"]),
+       st.integers(0, 10**6))
+def test_the_subset_diff_equals_the_full_diff(tmp_path_factory, segment, snapshot, mode, n):
+    config = ActivationConfig(name="d", segment={"table": "t"}, mode=mode,
+                              fields={"person.nickname": "name"}, attributes=["plan"])
+    fields = list(config.managed_columns)
+    store = StateStore(connect_file(str(tmp_path_factory.mktemp("d") / "s.duckdb")),
+                       "crisp_d", "w")
+    accepted = normalized(segment)
+    store.write_segment(accepted, EMPTY_REJECTED,
+                        pl.DataFrame(schema={"row_number": pl.Int64, "fingerprint": pl.String}),
+                        "r")
+    rows = [{"identifier": i, "people_id": f"id-{i}", "email": email or i,
+             "confirmed_at": now(), "person.nickname": a, "data.plan": b}
+            for i, (a, b, email) in snapshot.items()]
+    if rows:
+        store.confirm(pl.DataFrame(rows).cast({"confirmed_at": pl.Datetime("us", "UTC")}),
+                      fields)
+    store.refresh_row_hashes(fields)
+    # a later write to a row the segment agrees with must make it differ again: the stored
+    # hash of a written row is forgotten
+    agreeing = [r for r in rows if r["identifier"] in segment
+                and (r["person.nickname"], r["data.plan"]) == segment[r["identifier"]]
+                and r["email"] == r["identifier"]]
+    if agreeing and n % 2:
+        store.confirm(pl.DataFrame([{**agreeing[0], "data.plan": '"z"'}]).cast(
+            {"confirmed_at": pl.Datetime("us", "UTC")}), fields)
+    if n % 3 == 0:
+        store.refresh_row_hashes(fields)
+    full = plan_changes(accepted, EMPTY_REJECTED, store.read_snapshot(fields), config)
+    segment_rows, snapshot_rows = store.differing_rows(fields)
+    subset = plan_changes(segment_rows, EMPTY_REJECTED, snapshot_rows, config,
+                          managed_emails=store.managed_emails())
+    assert canonical(subset.change_set) == canonical(full.change_set)
+    unchanged = set(accepted.get_column("identifier")) - set(
+        segment_rows.get_column("identifier"))
+    # rows left out hold the very same values in the segment and the snapshot
+    snap = {r["identifier"]: r for r in store.read_snapshot(fields).iter_rows(named=True)}
+    for row in accepted.filter(pl.col("identifier").is_in(list(unchanged))).iter_rows(
+            named=True):
+        assert all(row[f] == snap[row["identifier"]][f] for f in [*fields, "email"])
+
+
+def test_every_write_to_a_snapshot_row_makes_it_differ_again(tmp_path):
+    """Confirming values, re-keying and marking fields unconfirmed each forget the row's
+    stored hash: the next diff loads the row."""
+    fields = ["person.nickname", "data.plan"]
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_d", "w")
+    segment = {i: ('"a"', '"b"') for i in IDS[:4]}
+    store.write_segment(normalized(segment), EMPTY_REJECTED,
+                        pl.DataFrame(schema={"row_number": pl.Int64, "fingerprint": pl.String}),
+                        "r")
+    store.confirm(pl.DataFrame([{"identifier": i, "people_id": f"id-{i}", "email": i,
+                                 "confirmed_at": now(), "person.nickname": '"a"',
+                                 "data.plan": '"b"'} for i in IDS[:4]]).cast(
+        {"confirmed_at": pl.Datetime("us", "UTC")}), fields)
+
+    def differing() -> set[str]:
+        store.refresh_row_hashes(fields)
+        return set(store.differing_rows(fields)[0].get_column("identifier"))
+    assert differing() == set()
+    store.confirm(pl.DataFrame([{"identifier": IDS[0], "people_id": f"id-{IDS[0]}",
+                                 "data.plan": '"z"'}]), fields)
+    assert differing() == {IDS[0]}
+    store.rekey(pl.DataFrame({"old_identifier": [IDS[1]], "new_identifier": ["moved@x.io"],
+                              "email": ["moved@x.io"]}))
+    assert differing() == {IDS[0], IDS[1]}  # segment row IDS[1] no longer managed as such
+    store.mark_unconfirmed(["data.plan"])
+    assert differing() == set(IDS[:4])
