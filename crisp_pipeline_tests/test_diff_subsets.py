@@ -110,3 +110,23 @@ def test_every_write_to_a_snapshot_row_makes_it_differ_again(tmp_path):
     assert differing() == {IDS[0], IDS[1]}  # segment row IDS[1] no longer managed as such
     store.mark_unconfirmed(["data.plan"])
     assert differing() == set(IDS[:4])
+
+
+def test_fields_reordered_or_removed_in_the_configuration_rehash_every_row(tmp_path):
+    """A row hash depends on the fields and their order: swapped values under reordered
+    fields would otherwise hash the same and go unnoticed."""
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_d", "w")
+    before, after = ["data.plan", "data.tier"], ["data.tier", "data.plan"]
+    store.confirm(pl.DataFrame([{"identifier": "p@x.io", "people_id": "id-p",
+                                 "email": "p@x.io", "confirmed_at": now(),
+                                 "data.plan": '"a"', "data.tier": '"b"'}]).cast(
+        {"confirmed_at": pl.Datetime("us", "UTC")}), before)
+    store.refresh_row_hashes(before)
+    # the source swaps the two values while the configuration lists the fields the other way
+    swapped = pl.DataFrame([{"row_number": 1, "identifier": "p@x.io", "email": "p@x.io",
+                             "data.tier": '"a"', "data.plan": '"b"'}])
+    store.write_segment(swapped, EMPTY_REJECTED,
+                        pl.DataFrame(schema={"row_number": pl.Int64, "fingerprint": pl.String}),
+                        "r")
+    assert store.refresh_row_hashes(after) == 1
+    assert store.differing_rows(after)[0].get_column("identifier").to_list() == ["p@x.io"]

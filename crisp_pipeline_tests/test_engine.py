@@ -200,3 +200,15 @@ def test_a_create_meeting_an_existing_person_patches_only_mapped_fields_that_dif
     summary, stats, batches = apply(handler, [row], fields=("person.nickname", "person.phone"))
     assert bodies == [("/v1/website/w/people/profile/id-real", {"person": {"phone": "2"}})]
     assert people_of(batches)["ada"].status == "ok"
+
+
+def test_an_unexpected_error_in_one_unit_defers_it_and_loses_no_other_outcome():
+    def handler(request):
+        if request.url.path.endswith("id-b"):
+            raise ValueError("a bug somewhere below the engine")
+        return ok()
+    rows = [update(i, **{"person.nickname": i.upper()}) for i in "abcde"]
+    summary, stats, batches = apply(handler, rows, max_in_flight=2)
+    statuses = {s.identifier: (s.status, s.reason) for s in steps_of(batches)}
+    assert statuses["b"] == ("deferred", "unexpected_error")
+    assert {i: statuses[i][0] for i in "acde"} == dict.fromkeys("acde", "ok")

@@ -100,10 +100,15 @@ class StoredBudget:
     async def try_spend_async(self, requests: int = 1) -> bool:
         """`try_spend` for the event loop: from the reserved block without I/O, and from the
         store in a worker thread."""
-        with self._lock:
-            if self._reserved >= requests and not self._day_changed():
-                self._reserved -= requests
-                return True
+        # never wait for the lock on the event loop: a worker may hold it across a wait for
+        # the state file
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._reserved >= requests and not self._day_changed():
+                    self._reserved -= requests
+                    return True
+            finally:
+                self._lock.release()
         return await asyncio.to_thread(self.try_spend, requests)
 
     def _day_changed(self) -> bool:

@@ -726,21 +726,24 @@ class StateStore:
     # is NULL after any write to the row and computed again before the next diff, so that the
     # diff loads the values of the rows that differ only.
 
-    def _hash_version(self, connection: duckdb.DuckDBPyConnection) -> None:
-        """Hashes are Polars' and may change with its version: a new version rehashes all."""
+    def _hash_version(self, connection: duckdb.DuckDBPyConnection, fields: list[str]) -> None:
+        """A row hash depends on Polars' version and on the fields hashed, in their order (a
+        field added, removed or moved in the configuration): when either changes, every
+        stored hash is forgotten and computed again."""
         table = self.table("row_hash_version")
+        version = json.dumps([pl.__version__, ROW_HASH_SEED, fields])
         connection.execute(f"create table if not exists {table} (version varchar)")
         row = connection.execute(f"select version from {table}").fetchone()
-        if row is None or row[0] != pl.__version__:
+        if row is None or row[0] != version:
             connection.execute(f"update {self.table('snapshot')} set row_hash = null")
             connection.execute(f"delete from {table}")
-            connection.execute(f"insert into {table} values (?)", [pl.__version__])
+            connection.execute(f"insert into {table} values (?)", [version])
 
     def refresh_row_hashes(self, fields: list[str]) -> int:
         """Hash the snapshot rows whose hash is unknown; returns how many."""
         with self._transaction() as connection:
             self._ensure_snapshot(connection, fields)
-            self._hash_version(connection)
+            self._hash_version(connection, fields)
             columns = ", ".join(quote(c) for c in ["identifier", "email", *fields])
             rows = connection.execute(
                 f"select {columns} from {self.table('snapshot')} where website_id = ? and "
@@ -817,7 +820,7 @@ class StateStore:
             self._ensure_snapshot(connection, [])
             named = [f"select identifier from {self.table(t)} where identifier is not null"
                      for t in ("segment", "rejected") if self._exists(connection, t)]
-            source = " union all ".join(named) or "select null::varchar as identifier"
+            source = " union all ".join(named) or "select null::varchar as identifier where false"
             return connection.execute(
                 f"select identifier, people_id, email from {self.table('snapshot')} k where "
                 f"website_id = ? and identifier not in ({source})", [self._website()]).pl()

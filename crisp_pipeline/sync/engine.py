@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from crisp_pipeline.changes import fields as crisp_fields
@@ -45,6 +46,8 @@ from crisp_pipeline.crisp.pacing import counting_requests
 from crisp_pipeline.state.store import StateUnavailable
 
 from .profiles import held_values, profile_body
+
+log = logging.getLogger(__name__)
 
 # a person's status is the worst of their units'; `pending` until a unit of theirs is tried
 STATUS_RANK = {"pending": -1, "ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
@@ -267,32 +270,40 @@ class SyncEngine:
             finished.clear()
             return asyncio.create_task(self._record(taken, on_batch))
 
-        for unit in units:
-            await slots.acquire()
-            behind = recording is not None and not recording.done()
-            if len(finished) >= self.chunk and (not behind or len(finished) >= 2 * self.chunk):
-                # sending never runs more than two chunks ahead of recording: what Crisp
-                # confirmed is committed soon, and a state store that cannot record stops
-                # the run sending
-                if recording is not None:
-                    await recording  # surfaces its error, if any
-                recording = record_finished()
-            task = asyncio.create_task(attempt(unit))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        if in_flight:
-            await asyncio.gather(*in_flight)
-        if recording is not None:
-            await recording
-        if finished:
-            await record_finished()
+        try:
+            for unit in units:
+                await slots.acquire()
+                behind = recording is not None and not recording.done()
+                if len(finished) >= self.chunk and (not behind
+                                                    or len(finished) >= 2 * self.chunk):
+                    # sending never runs more than two chunks ahead of recording: what Crisp
+                    # confirmed is committed soon, and a state store that cannot record
+                    # stops the run sending
+                    if recording is not None:
+                        await recording  # surfaces its error, if any
+                    recording = record_finished()
+                task = asyncio.create_task(attempt(unit))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            # whatever happened, every unit started is waited for and everything finished
+            # is recorded before this returns or raises
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            if recording is not None:
+                await recording
+            if finished:
+                await record_finished()
         if self._summary.stopped is not None:
             raise self._summary.stopped
 
     async def _record(self, finished: list[tuple[Unit, list[StepOutcome]]],
                       on_batch: Callable[[Batch], None]) -> None:
         steps = [step for _, result in finished for step in result]
-        touched = {id(p): p for unit, _ in finished for p in unit.people}
+        # copies, taken on the event loop: units still in flight keep changing the people
+        # while the batch is recorded in a worker thread
+        touched = {id(p): replace(p, confirmed=dict(p.confirmed))
+                   for unit, _ in finished for p in unit.people}
         await self._hand_over(Batch(steps, list(touched.values())), on_batch)
         self._done += sum(1 for unit, _ in finished if unit.step != "data")
         if self.progress:
@@ -334,6 +345,14 @@ class SyncEngine:
                 status = "gone" if gone else "rejected"
                 reason, message = error.reason, error.message or str(error)
                 self._failures_in_a_row = 0
+            except StateUnavailable as error:  # a lookup in the state store (people_exists)
+                self._summary.state_unavailable = str(error)
+                status, reason, message = "deferred", "state_unavailable", str(error)
+            except Exception as error:  # noqa: BLE001 - one unit's bug never loses the others
+                log.exception("unit %s of %s failed unexpectedly", unit.step,
+                              [p.identifier for p in unit.people])
+                status, reason = "deferred", "unexpected_error"
+                message = f"{type(error).__name__}: {error}"
         requests = sent[0] if sent else 0
         steps = []
         for person in unit.people:

@@ -18,7 +18,7 @@ from crisp_pipeline.changes.departures import HELD
 from crisp_pipeline.changes.guards import GuardVerdict
 from crisp_pipeline.crisp import CrispSettings
 from crisp_pipeline.crisp.pacing import RequestStats
-from crisp_pipeline.state.store import Connect, StateStore, now
+from crisp_pipeline.state.store import Connect, StateStore, StateUnavailable, now
 
 from .client import ClientOptions, open_client
 from .engine import Batch, SyncEngine, SyncSummary
@@ -113,7 +113,10 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         def record(batch: Batch) -> None:
             store.record_batch(*outcome_frames(batch, run_id, fields, store.website_id or ""),
                                fields=fields)
-            heartbeat()
+            try:  # recorded: a missed heartbeat must not have the batch recorded twice
+                heartbeat()
+            except StateUnavailable:
+                log.warning("could not refresh the activation lock's heartbeat; goes on")
 
         @contextlib.contextmanager
         def delete_gate(people_ids: list[str]) -> Iterator[set[str]]:
