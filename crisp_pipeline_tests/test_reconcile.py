@@ -12,7 +12,6 @@ import pytest
 
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.emulator import FaultPlan, ForcedAnswer
-from crisp_pipeline.state.store import now
 
 from .conftest import PLUGIN, USER, WEBSITE
 from .harness import Pipeline, crisp_env
@@ -31,10 +30,12 @@ def people(count: int, plan: str = "a", start: int = 0) -> list[dict]:
             for i in range(start, start + count)]
 
 
-def pipeline_for(emulator, tmp_path, mode: str = "upsert", **reconcile) -> Pipeline:
+def pipeline_for(emulator, tmp_path, mode: str = "upsert", *, plan: bool = True,
+                 **reconcile) -> Pipeline:
+    """The nickname, and the plan as people data unless `plan` is false."""
     config = ActivationConfig(name="drift", segment={"table": "people"}, mode=mode,
-                              fields={"person.nickname": "name"}, attributes=["plan"],
-                              reconcile=reconcile)
+                              fields={"person.nickname": "name"},
+                              attributes=["plan"] if plan else [], reconcile=reconcile)
     return Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
 
 
@@ -168,10 +169,8 @@ def test_the_daily_budget_share_bounds_the_reconcile(emulator, tmp_path, monkeyp
 def test_a_listing_reconciles_many_people_for_a_page_per_fifty(
         emulator, tmp_path, monkeypatch, human):
     crisp_env(monkeypatch, emulator)
-    config = ActivationConfig(name="names", segment={"table": "people"},
-                              fields={"person.nickname": "name"},
-                              reconcile={"verify_every_hours": 0, "max_requests": 20})
-    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
+    pipeline = pipeline_for(emulator, tmp_path, plan=False, verify_every_hours=0,
+                            max_requests=20)
     pipeline.load(people(260))
     pipeline.run()
     human.delete("people/profile/r0100@x.io")
@@ -300,10 +299,8 @@ def test_every_kind_of_value_round_trips_through_crisp_with_zero_writes(
 def test_a_refused_count_or_listing_page_ends_the_reconcile_not_the_run(
         emulator, tmp_path, monkeypatch, forced):
     crisp_env(monkeypatch, emulator)
-    config = ActivationConfig(name="names", segment={"table": "people"},
-                              fields={"person.nickname": "name"},
-                              reconcile={"verify_every_hours": 0, "max_requests": 10})
-    pipeline = Pipeline(emulator, str(tmp_path / "w.duckdb"), config)
+    pipeline = pipeline_for(emulator, tmp_path, plan=False, verify_every_hours=0,
+                            max_requests=10)
     pipeline.load(people(120))
     pipeline.run()
     emulator.emulator.set_faults(FaultPlan(forced=[forced]))

@@ -374,15 +374,22 @@ class StateStore:
             [self._website()])
         connection.execute(f"drop table {old}")
 
+    def _snapshot_rows(self, connection: duckdb.DuckDBPyConnection, fields: list[str],
+                       where: str = "true", params: list | None = None,
+                       order: str = "") -> pl.DataFrame:
+        """This website's snapshot rows matching `where`: the keys and `fields`, typed."""
+        self._ensure_snapshot(connection, fields)
+        columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
+        frame = connection.execute(
+            f"select {columns} from {self.table('snapshot')} where website_id = ? and "
+            f"({where}) {order}", [self._website(), *(params or [])]).pl()
+        return frame.cast({**SNAPSHOT_KEYS, **{field: pl.String for field in fields}})
+
     def read_snapshot(self, fields: list[str]) -> pl.DataFrame:
         """Managed people of this website with the JSON text of every field in `fields`
         (NULL: unknown, UNCONFIRMED: to be written)."""
         with self._session() as connection:
-            self._ensure_snapshot(connection, fields)
-            columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
-            frame = connection.execute(f"select {columns} from {self.table('snapshot')} "
-                                       "where website_id = ?", [self._website()]).pl()
-        return frame.cast({**SNAPSHOT_KEYS, **{field: pl.String for field in fields}})
+            return self._snapshot_rows(connection, fields)
 
     def _confirm(self, connection: duckdb.DuckDBPyConnection, confirmed: pl.DataFrame,
                  fields: list[str]) -> None:
@@ -700,14 +707,11 @@ class StateStore:
         """This website's managed people not verified since `verified_before` (None: all),
         oldest-verified first (never verified: first)."""
         with self._session() as connection:
-            self._ensure_snapshot(connection, fields)
-            columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
-            frame = connection.execute(
-                f"select {columns} from {self.table('snapshot')} where website_id = ? and "
-                "(verified_at is null or ?::timestamptz is null or verified_at < ?) "
-                "order by verified_at nulls first, confirmed_at nulls first, identifier",
-                [self._website(), verified_before, verified_before]).pl()
-        return frame.cast({**SNAPSHOT_KEYS, **{field: pl.String for field in fields}})
+            return self._snapshot_rows(
+                connection, fields,
+                "verified_at is null or ?::timestamptz is null or verified_at < ?",
+                [verified_before, verified_before],
+                "order by verified_at nulls first, confirmed_at nulls first, identifier")
 
     def record_reconcile(self, refreshed: pl.DataFrame, gone: list[str], drift: pl.DataFrame,
                          fields: list[str]) -> None:
@@ -765,7 +769,7 @@ class StateStore:
         with self._session() as connection:
             self._ensure_snapshot(connection, fields)
             if not self._exists(connection, "segment"):
-                return pl.DataFrame(), self.read_snapshot(fields)
+                return pl.DataFrame(), self._snapshot_rows(connection, fields)
             connection.execute(
                 "create or replace temp table differing as select coalesce(s.identifier, "
                 f"k.identifier) as identifier from {self.table('segment')} s full outer join "
@@ -775,12 +779,10 @@ class StateStore:
             segment = connection.execute(
                 f"select * from {self.table('segment')} where identifier in "
                 "(select identifier from differing)").pl()
-            columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
-            snapshot = connection.execute(
-                f"select {columns} from {self.table('snapshot')} where website_id = ? and "
-                "identifier in (select identifier from differing)", [self._website()]).pl()
+            snapshot = self._snapshot_rows(connection, fields,
+                                           "identifier in (select identifier from differing)")
             connection.execute("drop table differing")
-        return segment, snapshot.cast({**SNAPSHOT_KEYS, **{f: pl.String for f in fields}})
+        return segment, snapshot
 
     def managed_emails(self) -> pl.Series:
         with self._session() as connection:

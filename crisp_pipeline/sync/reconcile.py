@@ -115,7 +115,7 @@ async def _list_website(client: CrispClient, wanted: set[str], reads: _Reads) ->
 
 async def _read_all(client: CrispClient, people_ids: list[str], read: Callable,
                     into: dict[str, dict | None], reads: _Reads) -> None:
-    """Read each person (bounded by the client's concurrency); a 404 is None, a failure
+    """Read each person (the client bounds the requests in flight); a 404 is None, a failure
     leaves them unread; a stop (budget, credentials) ends the reads."""
     async def one(people_id: str) -> None:
         if reads.stopped:
@@ -134,12 +134,7 @@ async def _read_all(client: CrispClient, people_ids: list[str], read: Callable,
             reads.stopped = "the daily request budget ran out"
         except RetryLater:
             reads.unanswered += 1
-    slots = asyncio.Semaphore(client.max_in_flight)
-
-    async def bounded(people_id: str) -> None:
-        async with slots:
-            await one(people_id)
-    await asyncio.gather(*(bounded(p) for p in people_ids))
+    await asyncio.gather(*(one(p) for p in people_ids))  # the client bounds what is in flight
 
 
 async def _reconcile_reads(client: CrispClient, queue: pl.DataFrame, allowance: int | None,
