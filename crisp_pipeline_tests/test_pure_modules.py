@@ -1,0 +1,85 @@
+"""Fast unit tests of the pure pieces the pipeline's runs rely on: the request plan, mirror's
+guards, and the daily budgets (stored, capped)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import polars as pl
+
+from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.changes.guards import evaluate_guards
+from crisp_pipeline.changes.plan import request_plan
+from crisp_pipeline.crisp.pacing import CappedBudget, InMemoryBudget
+from crisp_pipeline.state.budget import StoredBudget, spent_today
+from crisp_pipeline.state.store import CHANGE_SET_SCHEMA, connect_file
+
+
+def change(identifier: str, op: str, changed: list[str], data: dict | None = None) -> dict:
+    return {"identifier": identifier, "op": op, "changed": changed,
+            "data_values": json.dumps(data) if data else None}
+
+
+def test_the_plan_counts_each_route_as_the_engine_sends_it():
+    rows = ([change(f"c{i}", "create", ["person.nickname", "data.plan"], {"plan": "a"})
+             for i in range(3)]
+            + [change(f"u{i}", "update", ["data.plan"], {"plan": "pro"}) for i in range(1200)]
+            + [change("p", "update", ["person.nickname"]),
+               change("d", "update", ["data.plan"], {"plan": "solo"}),
+               change("x", "delete", []), change("s", "skip", [])])
+    frame = pl.DataFrame(rows).cast({"changed": CHANGE_SET_SCHEMA["changed"]})
+    plan = request_plan(frame, batch_size=500, daily_quota=1000, budget_left=10)
+    assert plan["POST people/profile"] == 3 and plan["PATCH people/profile"] == 1
+    assert plan["PATCH batch/data"] == 1 + 3  # the 3 creates share one; 1,200 updates: 3
+    assert plan["PATCH people/data"] == 1 and plan["DELETE people/profile"] == 1
+    assert plan["requests"] == 3 + 1 + 4 + 1 + 1
+    assert plan["requests_without_batching"] == 3 + 1 + 1203 + 1 + 1
+    assert plan["days_to_finish"] == 1  # 10 today, the rest tomorrow
+    assert request_plan(frame.clear())["requests"] == 0
+
+
+def mirror(**guards) -> ActivationConfig:
+    return ActivationConfig(name="g", segment={"table": "t"}, mode="mirror", guards=guards)
+
+
+def test_guards_refuse_an_empty_segment_too_many_deletes_and_a_creeping_window():
+    assert not evaluate_guards(mirror(), 0, 100, source_rows=0).passed
+    assert evaluate_guards(mirror(), 5, 100, source_rows=95).passed
+    assert not evaluate_guards(mirror(max_deletes=4), 5, 100, source_rows=95).passed
+    assert not evaluate_guards(mirror(), 6, 100, source_rows=94).passed  # 6% > 5%
+    # 3 now and 4 in the window: 7 of 104 is more than 5%
+    verdict = evaluate_guards(mirror(), 3, 100, source_rows=97, deleted_in_window=4)
+    assert not verdict.passed and "already deleted" in verdict.describe()
+    upsert = ActivationConfig(name="g", segment={"table": "t"})
+    assert evaluate_guards(upsert, 0, 100, source_rows=0).passed  # guards are mirror's
+
+
+def test_the_stored_budget_is_shared_never_overspent_and_gives_back_what_it_did_not_use(
+        tmp_path):
+    connect = connect_file(str(tmp_path / "b.duckdb"))
+    first, second = StoredBudget(connect, "t", 120, block=50), StoredBudget(connect, "t", 120)
+    paid = []
+
+    def spend(budget: StoredBudget) -> None:
+        while budget.try_spend(1):
+            paid.append(1)
+    threads = [threading.Thread(target=spend, args=(b,)) for b in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(paid) == 120 and spent_today(connect, "t") == 120
+    third = StoredBudget(connect, "u", 100)
+    assert asyncio.run(third.try_spend_async(1)) and spent_today(connect, "u") == 50
+    third.close()
+    assert spent_today(connect, "u") == 1  # the 49 reserved and unused are given back
+
+
+def test_a_capped_budget_stops_at_its_cap_or_at_the_inner_budget():
+    capped = CappedBudget(InMemoryBudget(100), cap=3)
+    assert [capped.try_spend() for _ in range(4)] == [True, True, True, False]
+    assert capped.inner.spent == 3 and capped.remaining == 0
+    short = CappedBudget(InMemoryBudget(2), cap=10)
+    assert [asyncio.run(short.try_spend_async()) for _ in range(3)] == [True, True, False]
