@@ -137,7 +137,7 @@ def start_emulator(port: int, state_file: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "crisp_pipeline.cli", "emulator", "--port", str(port),
          "--website-id", WEBSITE, "--token", f"{TOKEN_ID}:{TOKEN_KEY}", "--tier", "user",
-         "--rate-limit", "0", "--state", str(state_file)],
+         "--rate-limit", "0", "--load", str(state_file)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600

@@ -42,14 +42,17 @@ def main() -> None:
               help="Fraction of requests whose connection drops.")
 @click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="JSON file that keeps people across restarts.")
+@click.option("--load", "initial_state", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="JSON file (as --state writes it) to start from; never written.")
 @click.option("--seed", type=int, default=None, help="Seed for ids and fault draws.")
 @click.option("--admin-key", default=None, envvar="CRISP_EMULATOR_ADMIN_KEY",
               help="Enables the /_emulator admin API for this key.")
 def emulator(host: str, port: int, website_ids: tuple[str, ...], tokens: tuple[str, ...],
              tier: str, daily_quota: int | None, rate_limit: float, rate_limit_status: str,
              retry_after: bool, latency_ms: float, latency_jitter_ms: float, fault_rate: float,
-             drop_rate: float, state_file: Path | None, seed: int | None,
-             admin_key: str | None) -> None:
+             drop_rate: float, state_file: Path | None, initial_state: Path | None,
+             seed: int | None, admin_key: str | None) -> None:
     """Serve the local Crisp people API emulator until interrupted."""
     from crisp_pipeline.emulator import EmulatorConfig, FaultPlan, TokenSpec, serve_forever
 
@@ -60,7 +63,8 @@ def emulator(host: str, port: int, website_ids: tuple[str, ...], tokens: tuple[s
     config = EmulatorConfig(
         website_ids=list(website_ids), tokens=specs,
         rate_limit_per_second=rate_limit or None, rate_limit_status=int(rate_limit_status),
-        retry_after_header=retry_after, seed=seed, state_file=state_file, admin_key=admin_key,
+        retry_after_header=retry_after, seed=seed, state_file=state_file, initial_state=initial_state,
+        admin_key=admin_key,
         faults=FaultPlan(latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms,
                          error_rate=fault_rate, drop_rate=drop_rate),
     )

@@ -31,8 +31,8 @@ from crisp_pipeline.state.budget import remaining_today
 from crisp_pipeline.state.store import StateStore, StateUnavailable, connect_file
 from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
-    AdoptionReport, Plan, adopt_new_people, apply_configuration_changes, current_verdict,
-    plan_change_set, rekey_moved_people, stage_segment)
+    AdoptionReport, Plan, adopt_new_people, adoption_candidates, apply_configuration_changes,
+    current_verdict, plan_change_set, rekey_moved_people, stage_segment)
 from crisp_pipeline.sync.reconcile import ReconcileReport, full_reconcile_cost, reconcile_snapshot
 from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
@@ -117,6 +117,18 @@ def _connector(db: DuckDBResource):
                 yield connection
         except StateUnavailable as error:
             raise StateUnavailableFailure(description=str(error)) from None
+
+    @contextlib.contextmanager
+    def kept_open() -> Iterator[None]:
+        kept = contextlib.ExitStack()
+        try:
+            kept.enter_context(connect.kept_open())
+        except StateUnavailable as error:
+            raise StateUnavailableFailure(description=str(error)) from None
+        with kept:
+            yield
+
+    guarded.kept_open = kept_open
     return guarded
 
 
@@ -230,7 +242,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                                 context.run.run_id)
         rejected_rows = _rejected_rows(normalized.rejected)
         return dg.MaterializeResult(metadata={
-            "dagster/row_count": normalized.accepted.height,
+            "dagster/row_count": normalized.accepted_rows,
             "dagster/column_schema": _column_schema(normalized.accepted),
             "dagster/table_name": f"{config.state_schema}.segment",
             "source_rows": normalized.source_rows, "rejected_rows": rejected_rows,
@@ -289,12 +301,13 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
                                    source(crisp_db))
             prepare.through("crisp_snapshot")
-            planned = prepare.change_set()
-        return dg.MaterializeResult(metadata={
-            **_change_set_metadata(store, config, planned,
-                                   crisp.budget_left(_connector(crisp_db))),
-            "configuration_changes": dg.MetadataValue.json(
-                store.configuration_changes(context.run.run_id))})
+            with store.kept_open():
+                planned = prepare.change_set()
+                return dg.MaterializeResult(metadata={
+                    **_change_set_metadata(store, config, planned,
+                                           crisp.budget_left(_connector(crisp_db))),
+                    "configuration_changes": dg.MetadataValue.json(
+                        store.configuration_changes(context.run.run_id))})
 
     @dg.asset_check(asset=key("change_set"), blocking=True, name="mirror_guards",
                     description="Mirror refuses an empty segment and deletions beyond "
@@ -302,7 +315,9 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                     "window), unless the run overrides its guards.")
     def mirror_guards(context: dg.AssetCheckExecutionContext, crisp_db: DuckDBResource,
                       crisp_run: CrispRunOptions) -> dg.AssetCheckResult:
-        verdict = current_verdict(_store(crisp_db, config), config)
+        store = _store(crisp_db, config)
+        with store.kept_open():
+            verdict = current_verdict(store, config)
         overridden = not verdict.passed and crisp_run.override_guards
         if not (verdict.passed or overridden):
             _release_activation(context.op_execution_context, crisp_db, config)
@@ -382,9 +397,9 @@ def _stage(store: StateStore, config: ActivationConfig, source: DuckDBSource, ru
         raise dg.Failure(description=str(error)) from None
 
 
-def _segment_verdict(accepted: pl.DataFrame, rejected: pl.DataFrame) -> dg.AssetCheckResult:
+def _segment_verdict(accepted: int, rejected: pl.DataFrame) -> dg.AssetCheckResult:
     reasons = (dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {})
-    return _verdict(accepted.height, _rejected_rows(rejected), reasons)
+    return _verdict(accepted, _rejected_rows(rejected), reasons)
 
 
 def _verdict(accepted: int, bad: int, reasons: dict[str, int]) -> dg.AssetCheckResult:
@@ -430,7 +445,7 @@ class _Preparation:
             redo = True
             if name == "segment":
                 normalized = _stage(self.store, self.config, self.source, self.run_id)
-                verdict = _segment_verdict(normalized.accepted, normalized.rejected)
+                verdict = _segment_verdict(normalized.accepted_rows, normalized.rejected)
                 if not verdict.passed and verdict.severity == dg.AssetCheckSeverity.ERROR:
                     raise dg.Failure(description=f"segment_usable: {verdict.description}")
             elif name == "crisp_snapshot":
@@ -446,14 +461,17 @@ class _Preparation:
         if not store.website_id:
             raise dg.Failure(description=f"activation {config.name!r}: no Crisp website: set "
                              "`website_id` or CRISP_WEBSITE_ID")
-        changes = apply_configuration_changes(store, config, self.run_id,
-                                              self.options.dry_run)
-        rekeyed = rekey_moved_people(store)
+        with store.kept_open():  # no network wait in this block
+            changes = apply_configuration_changes(store, config, self.run_id,
+                                                  self.options.dry_run)
+            rekeyed = rekey_moved_people(store)
+            candidates = adoption_candidates(store, config)
         try:
             report = adopt_new_people(
                 store, config, _settings_factory(self.crisp, config),
                 self.crisp.client_options(), _connector(self.crisp_db),
-                _website_lock(self.context, self.crisp_db, store, config, self.options))
+                _website_lock(self.context, self.crisp_db, store, config, self.options),
+                candidates)
         except StopRun as error:
             raise dg.Failure(description=str(error)) from None
         except locks.ActivationLocked as error:

@@ -511,6 +511,26 @@ def test_state_persists_across_restarts_and_ids_are_deterministic(tmp_path):
         assert create(running, "next@x.io")["people_id"] == second
 
 
+def test_a_loaded_state_is_started_from_and_never_written(tmp_path):
+    """`--load`: a benchmark's million people are read once; writes never rewrite the file."""
+    state = tmp_path / "crisp.json"
+    with start_in_thread(EmulatorConfig([WEBSITE], [PLUGIN], seed=1, state_file=state,
+                                        rate_limit_per_second=None)) as running:
+        httpx.post(f"{running.base_url}website/{WEBSITE}/people/profile",
+                   auth=(PLUGIN.identifier, PLUGIN.key), headers={"X-Crisp-Tier": "plugin"},
+                   json={"email": "seed@x.io", "person": {"nickname": "S"}})
+    written = state.read_bytes()
+    with start_in_thread(EmulatorConfig([WEBSITE], [PLUGIN], initial_state=state,
+                                        rate_limit_per_second=None)) as running:
+        assert [p["email"] for p in running.emulator.people(WEBSITE)] == ["seed@x.io"]
+        httpx.post(f"{running.base_url}website/{WEBSITE}/people/profile",
+                   auth=(PLUGIN.identifier, PLUGIN.key), headers={"X-Crisp-Tier": "plugin"},
+                   json={"email": "later@x.io", "person": {"nickname": "L"}})
+        time.sleep(1.5)  # longer than the periodic flush of a --state emulator
+        assert len(running.emulator.people(WEBSITE)) == 2
+    assert state.read_bytes() == written
+
+
 def test_numbers_are_kept_as_javascript_keeps_them(http):
     """Crisp runs on JavaScript: `1.0` and `1` are one number, an integer beyond 2**53 is
     rounded (contract.JSON_NUMBERS_ARE_DOUBLES)."""

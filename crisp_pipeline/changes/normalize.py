@@ -9,11 +9,22 @@ Two kinds of problem, handled differently:
   row goes on. Nothing is dropped silently: every input row is either accepted or rejected.
 
 Everything is a Polars expression over the whole frame; there is no loop over rows.
+
+Only what changed is normalised. Each raw row gets a fingerprint, `raw_hash` (a 64-bit hash of
+the values in the columns the activation reads), kept with the accepted row. On the next run a
+row whose identifier and fingerprint are already kept (`known`) is the same row: its values
+were checked and encoded before and would be again, so only the checks that look across rows
+(the same person twice) run over every row; the per-row checks and the encoding run over the
+rows that changed. The fingerprints are only comparable under the same `normalization_key`
+(columns and their types, mapping, Polars, this code): any difference normalises everything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
@@ -26,6 +37,10 @@ from .encode import encode_expr, iso_text
 ROW = "row_number"
 IDENTIFIER = "identifier"
 EMAIL = "email"
+RAW_HASH = "raw_hash"
+RAW_HASH_SEED = 29
+# More than this share of changed rows and normalising everything costs less than matching.
+RENORMALIZE_SHARE = 0.3
 # While normalising, bookkeeping columns carry names no source column can have.
 _ROW, _IDENTIFIER, _EMAIL = "__crisp_row", "__crisp_identifier", "__crisp_email"
 REJECTED_SCHEMA = {ROW: pl.Int64, IDENTIFIER: pl.String, EMAIL: pl.String, "field": pl.String,
@@ -41,11 +56,47 @@ class SegmentSchemaError(ValueError):
 
 @dataclass(frozen=True)
 class NormalizedSegment:
-    accepted: pl.DataFrame  # row_number, identifier, email, then one JSON-text column per field
+    # row_number, identifier, email, one JSON-text column per field, raw_hash: every accepted
+    # row when `complete`, otherwise only the rows that are not `kept`
+    accepted: pl.DataFrame
     rejected: pl.DataFrame  # one row per problem: row_number, identifier, email, field, reason,
     # message
     unidentified: pl.DataFrame  # rows naming nobody: row_number, fingerprint of the raw row
     source_rows: int
+    # identifier, raw_hash of the accepted rows that were `known` and are not in `accepted`
+    kept: pl.DataFrame | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.kept is None
+
+    @property
+    def accepted_rows(self) -> int:
+        return self.accepted.height + (0 if self.kept is None else self.kept.height)
+
+
+# What a row normalises to depends on this code too: its text is part of the key.
+_CODE = hashlib.sha256(b"".join(
+    (Path(__file__).parent / name).read_bytes() for name in ("normalize.py", "encode.py",
+                                                             "fields.py")) +
+    (Path(__file__).parent.parent / "crisp" / "contract.py").read_bytes()).hexdigest()
+
+
+def normalization_key(raw_schema: pl.Schema, config: ActivationConfig) -> str:
+    """Fingerprints (`raw_hash`) of two runs are comparable only when this is equal."""
+    columns = config.source_columns
+    return json.dumps([pl.__version__, RAW_HASH_SEED, _CODE,
+                       [[c, str(raw_schema.get(c))] for c in columns],
+                       config.identifier_column, config.email_column, config.keyed_by_email,
+                       sorted(config.managed_columns.items())])
+
+
+def raw_hashes(raw: pl.DataFrame, config: ActivationConfig) -> pl.Series:
+    """The fingerprint of each raw row: its values in the columns the activation reads (a
+    categorical as its text, whose physical code may differ between reads)."""
+    columns = [pl.col(c).cast(pl.String) if isinstance(raw.schema[c], (pl.Categorical, pl.Enum))
+               else pl.col(c) for c in config.source_columns]
+    return raw.select(columns).hash_rows(seed=RAW_HASH_SEED).alias(RAW_HASH)
 
 
 def _is_scalar(dtype: pl.DataType) -> bool:
@@ -163,7 +214,11 @@ def _problems(frame: pl.DataFrame, config: ActivationConfig,
     return checks
 
 
-def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> NormalizedSegment:
+def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
+                      known: pl.DataFrame | None = None) -> NormalizedSegment:
+    """Normalise `raw`. `known` (identifier, raw_hash of the rows accepted last time, under an
+    equal `normalization_key`) spares the per-row work for the rows that did not change; the
+    result is then incomplete (`kept` names the unchanged accepted rows)."""
     _check_schema(raw, config)
     values = {field: _value_expr(column, field, raw.schema[column])
               for field, column in config.managed_columns.items()}
@@ -173,34 +228,34 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
                   _blank_to_null(pl.col(config.identifier_column).cast(pl.String).str.strip_chars()))
     frame = raw.with_columns(
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW),
-        identifier.alias(_IDENTIFIER), email.alias(_EMAIL),
-    )
+        identifier.alias(_IDENTIFIER), email.alias(_EMAIL), raw_hashes(raw, config))
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
              pl.col(_EMAIL).alias(EMAIL))
 
+    fresh, unchanged = frame, None
+    if known is not None:
+        keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH)
+        is_known = keys.join(known.select(pl.col(IDENTIFIER).alias(_IDENTIFIER), RAW_HASH,
+                                          pl.lit(True).alias("_known")),
+                             on=[_IDENTIFIER, RAW_HASH], how="left", maintain_order="left"
+                             ).get_column("_known").fill_null(False)
+        if is_known.not_().sum() <= RENORMALIZE_SHARE * frame.height:
+            fresh, unchanged = frame.filter(~is_known), keys.filter(is_known)
+
     problems = []
-    for field, reason, condition, message in _problems(frame, config, values):
-        problems.append(frame.filter(condition).select(
+    for field, reason, condition, message in _problems(fresh, config, values):
+        problems.append(fresh.filter(condition).select(
             *where, pl.lit(field).alias("field"), pl.lit(reason).alias("reason"),
             message.alias("message")))
-
-    problems.append(_same_person_twice(
-        frame, _IDENTIFIER, config.identifier_column, "duplicate_identifier", where,
-        "{} appears in rows {}: every copy is held back until one remains"))
-    if not config.keyed_by_email:
-        # two external ids with one email would be one Crisp person (Crisp keys by email)
-        problems.append(_same_person_twice(
-            frame.filter(pl.col(_EMAIL).is_not_null()).unique([_IDENTIFIER, _EMAIL]),
-            _EMAIL, config.email_column, "shared_email", where,
-            "{} is the email of rows {}, which have different ids; Crisp holds one person "
-            "per email, so every row is held back until one remains",
-            frame=frame))
+    problems.extend(_people_twice(frame, config, where, fresh, unchanged))
     rejected = pl.concat([p.cast(REJECTED_SCHEMA) for p in problems]).sort(ROW, "field")
+    rejected_rows = rejected.select(pl.col(ROW).alias(_ROW)).unique()
 
     encoded = [encode_expr(values[field]).alias(field) for field in config.managed_columns]
-    accepted = (frame.join(rejected.select(pl.col(ROW).alias(_ROW)).unique(), on=_ROW,
-                           how="anti")
-                .select(*where, *encoded))
+    accepted = (fresh.join(rejected_rows, on=_ROW, how="anti")
+                .select(*where, *encoded, RAW_HASH))
+    kept = None if unchanged is None else unchanged.join(rejected_rows, on=_ROW, how="anti").select(
+        pl.col(_IDENTIFIER).alias(IDENTIFIER), RAW_HASH)
     # rows that name nobody (no identifier; keyed by email, an email that is no one's): such a
     # row is still someone, which mirror must keep in mind before deleting anybody
     names_nobody = pl.col("reason") == "missing_identifier"
@@ -213,7 +268,41 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig) -> Normalized
         pl.col(_ROW).alias(ROW),
         pl.struct(config.source_columns).struct.json_encode().alias("fingerprint"))
     return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,
-                             source_rows=raw.height)
+                             source_rows=raw.height, kept=kept)
+
+
+def _people_twice(frame: pl.DataFrame, config: ActivationConfig, where: tuple,
+                  fresh: pl.DataFrame, unchanged: pl.DataFrame | None) -> list:
+    """The checks across rows: the same identifier twice and, keyed by an external id, one
+    email for two ids. Only the rows whose key repeats are grouped.
+
+    With `unchanged` rows (each matched a stored accepted row, whose identifiers and emails
+    are unique), a repeated identifier involves a fresh row or two unchanged copies of one
+    stored row (equal `raw_hash`); a shared email involves a fresh row. Only the rows
+    carrying such a key are looked at."""
+    ids, emails = pl.col(_IDENTIFIER), pl.col(_EMAIL)
+    if unchanged is None:
+        same_id = frame.filter(ids.is_duplicated() & ids.is_not_null())
+        same_email = frame.filter(emails.is_duplicated() & emails.is_not_null())
+    else:
+        copies = unchanged.filter(pl.col(RAW_HASH).is_duplicated()).get_column(_IDENTIFIER)
+        suspects = pl.concat([fresh.get_column(_IDENTIFIER), copies]).drop_nulls().unique()
+        same_id = frame.filter(ids.is_in(suspects.implode()))
+        same_id = same_id.filter(ids.is_duplicated())
+        same_email = frame.filter(emails.is_in(
+            fresh.get_column(_EMAIL).drop_nulls().unique().implode()))
+        same_email = same_email.filter(emails.is_duplicated())
+    twice = [_same_person_twice(
+        same_id, _IDENTIFIER, config.identifier_column, "duplicate_identifier", where,
+        "{} appears in rows {}: every copy is held back until one remains")]
+    if not config.keyed_by_email:
+        # two external ids with one email would be one Crisp person (Crisp keys by email)
+        twice.append(_same_person_twice(
+            same_email.unique([_IDENTIFIER, _EMAIL]), _EMAIL, config.email_column,
+            "shared_email", where, "{} is the email of rows {}, which have different ids; "
+            "Crisp holds one person per email, so every row is held back until one remains",
+            frame=same_email))
+    return twice
 
 
 def _same_person_twice(rows: pl.DataFrame, key: str, field: str, reason: str, where: tuple,

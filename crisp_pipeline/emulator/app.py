@@ -80,6 +80,9 @@ class EmulatorConfig:
     retry_after_header: bool = False  # real Crisp sends none (§5); tests may turn it on
     seed: int | None = None
     state_file: Path | None = None
+    # People to start from (a file `state_file` wrote), never written back: large benchmarks
+    # seed the emulator without paying to save a million people after every write.
+    initial_state: Path | None = None
     admin_key: str | None = None
     faults: FaultPlan = field(default_factory=FaultPlan)
 
@@ -146,6 +149,8 @@ class Emulator:
         self._dirty = False
         if config.state_file and Path(config.state_file).exists():
             self.store.load(json.loads(Path(config.state_file).read_text()))
+        elif config.initial_state:
+            self.store.load(json.loads(Path(config.initial_state).read_text()))
         self.app = Starlette(
             routes=self._people_routes() + self._admin_routes(),
             exception_handlers={HTTPException: self._http_exception},

@@ -18,7 +18,8 @@ from crisp_pipeline.changes.departures import DepartureContext, new_unidentified
 from crisp_pipeline.changes.diff import PlannedChanges, plan_changes
 from crisp_pipeline.changes.encode import same_value
 from crisp_pipeline.changes.guards import GuardVerdict, evaluate_guards
-from crisp_pipeline.changes.normalize import NormalizedSegment, normalize_segment
+from crisp_pipeline.changes.normalize import (NormalizedSegment, normalization_key,
+                                              normalize_segment)
 from crisp_pipeline.crisp import CrispSettings
 from crisp_pipeline.crisp.pacing import RequestStats
 from crisp_pipeline.state.store import ABSENCE_SCHEMA, Connect, StateStore, now
@@ -30,9 +31,15 @@ from .client import ClientOptions, open_client
 
 def stage_segment(store: StateStore, config: ActivationConfig, source: SegmentSource,
                   run_id: str) -> NormalizedSegment:
-    """Read the source, normalise it, and keep it as this run's segment."""
-    normalized = normalize_segment(source.read(), config)
-    store.write_segment(normalized.accepted, normalized.rejected, normalized.unidentified, run_id)
+    """Read the source, normalise the rows that changed since the staged segment (all of
+    them when it was staged under another normalisation key), and keep it as this run's
+    segment."""
+    raw = source.read()  # the state is not held open meanwhile: a warehouse may be slow
+    key = normalization_key(raw.schema, config)
+    with store.kept_open():
+        normalized = normalize_segment(raw, config, known=store.segment_fingerprints(key))
+        store.write_segment(normalized.accepted, normalized.rejected, normalized.unidentified,
+                            run_id, kept=normalized.kept, key=key)
     return normalized
 
 
@@ -114,10 +121,17 @@ class AdoptionReport:
     stats: RequestStats = field(default_factory=RequestStats)
 
 
+def adoption_candidates(store: StateStore, config: ActivationConfig) -> pl.DataFrame:
+    """The segment's people the snapshot does not know, whose email no managed person holds:
+    whom `adopt_new_people` looks up."""
+    return store.arrivals(list(config.managed_columns), unclaimed_emails=True)
+
+
 def adopt_new_people(store: StateStore, config: ActivationConfig,
                      settings_factory: Callable[[], CrispSettings],
                      options: ClientOptions, connect: Connect,
-                     website_lock: Callable[[], AbstractContextManager[None]]) -> AdoptionReport:
+                     website_lock: Callable[[], AbstractContextManager[None]],
+                     new: pl.DataFrame | None = None) -> AdoptionReport:
     """Look up, by email, the segment's people the snapshot does not know yet.
 
     A person found is *created* (by us) when our last change set planned to create them and
@@ -128,7 +142,7 @@ def adopt_new_people(store: StateStore, config: ActivationConfig,
     website's lock, so that no mirror deletes a person while another activation adopts them.
     """
     fields = list(config.managed_columns)
-    new = store.arrivals(fields, unclaimed_emails=True)
+    new = adoption_candidates(store, config) if new is None else new
     report = AdoptionReport(looked_up=new.height)
     if new.is_empty():
         return report
