@@ -131,13 +131,15 @@ def seed_state(db_path: str, state_file: Path, segment: pl.DataFrame, config) ->
     store.confirm(snapshot, fields)
 
 
-def start_emulator(port: int, state_file: Path) -> subprocess.Popen:
+def start_emulator(port: int, state_file: Path, extra: list[str] = (), website: str = WEBSITE,
+                   tier: str = "user") -> subprocess.Popen:
+    """The emulator in its own process, starting from `state_file` (never written back)."""
     import httpx
 
     process = subprocess.Popen(
         [sys.executable, "-m", "crisp_pipeline.cli", "emulator", "--port", str(port),
-         "--website-id", WEBSITE, "--token", f"{TOKEN_ID}:{TOKEN_KEY}", "--tier", "user",
-         "--rate-limit", "0", "--load", str(state_file)],
+         "--website-id", website, "--token", f"{TOKEN_ID}:{TOKEN_KEY}", "--tier", tier,
+         "--rate-limit", "0", "--load", str(state_file), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
@@ -154,15 +156,19 @@ def start_emulator(port: int, state_file: Path) -> subprocess.Popen:
 
 
 class Runner:
-    def __init__(self, db_path: str, config) -> None:
+    def __init__(self, db_path: str, config, max_in_flight: int | None = None) -> None:
         import dagster as dg
 
-        from crisp_pipeline.component import build_activation_defs, default_resources
+        from crisp_pipeline.component import (CrispResource, build_activation_defs,
+                                              default_resources)
 
         self.db_path = db_path
         self.instance = dg.DagsterInstance.ephemeral()
+        resources = default_resources(db_path)
+        if max_in_flight is not None:
+            resources["crisp"] = CrispResource(max_in_flight=max_in_flight)
         defs = dg.Definitions.merge(build_activation_defs(config),
-                                    dg.Definitions(resources=default_resources(db_path)))
+                                    dg.Definitions(resources=resources))
         self.job = defs.resolve_job_def(f"{config.name}_job")
         self.name = config.name
 

@@ -31,8 +31,8 @@ from crisp_pipeline.state.budget import remaining_today
 from crisp_pipeline.state.store import StateStore, StateUnavailable, connect_file
 from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
-    AdoptionReport, Plan, adopt_new_people, adoption_candidates, apply_configuration_changes,
-    current_verdict, plan_change_set, rekey_moved_people, stage_segment)
+    AdoptionReport, Plan, adopt_new_people, apply_configuration_changes, current_verdict,
+    plan_change_set, rekey_moved_people, stage_segment)
 from crisp_pipeline.sync.reconcile import ReconcileReport, full_reconcile_cost, reconcile_snapshot
 from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
@@ -158,13 +158,36 @@ def _holding_activation(context: Any, db: DuckDBResource, config: ActivationConf
                       run_active=_run_active(context))
     except locks.ActivationLocked as error:
         raise dg.Failure(description=str(error)) from None
+    _keep_open_for_run(connect, run_id, config.name)
     try:
         yield
     except BaseException:
-        locks.release(connect, config.name, run_id)
+        _let_go(connect, config.name, run_id)
         raise
     if _is_last_step(context, config, step):
-        locks.release(connect, config.name, run_id)
+        _let_go(connect, config.name, run_id)
+
+
+# The state file kept open from an activation's first step of a run to its last (steps run
+# one after another in one process with the activation job's executor): see
+# `state.store.file_kept_open`, which also lets it go while idle or after a long stretch, so
+# that other processes get their turn.
+_OPEN_FOR_RUN: dict[tuple[str, str], contextlib.ExitStack] = {}
+
+
+def _keep_open_for_run(connect: Any, run_id: str, name: str) -> None:
+    if (run_id, name) not in _OPEN_FOR_RUN:
+        kept = contextlib.ExitStack()
+        kept.enter_context(connect.kept_open())
+        _OPEN_FOR_RUN[(run_id, name)] = kept
+
+
+def _let_go(connect: Any, name: str, run_id: str) -> None:
+    """The run goes no further: its lock is given back and its file let go."""
+    locks.release(connect, name, run_id)
+    kept = _OPEN_FOR_RUN.pop((run_id, name), None)
+    if kept is not None:
+        kept.close()
 
 
 def _run_active(context: Any):
@@ -190,7 +213,7 @@ def _website_lock(context: Any, db: DuckDBResource, store: StateStore,
 
 def _release_activation(context: Any, db: DuckDBResource, config: ActivationConfig) -> None:
     """A blocking check failed: the run stops here, so its lock is given back."""
-    locks.release(_connector(db), config.name, context.run.run_id)
+    _let_go(_connector(db), config.name, context.run.run_id)
 
 
 def _preview(frame: pl.DataFrame) -> dg.MetadataValue:
@@ -301,13 +324,12 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
                                    source(crisp_db))
             prepare.through("crisp_snapshot")
-            with store.kept_open():
-                planned = prepare.change_set()
-                return dg.MaterializeResult(metadata={
-                    **_change_set_metadata(store, config, planned,
-                                           crisp.budget_left(_connector(crisp_db))),
-                    "configuration_changes": dg.MetadataValue.json(
-                        store.configuration_changes(context.run.run_id))})
+            planned = prepare.change_set()
+            return dg.MaterializeResult(metadata={
+                **_change_set_metadata(store, config, planned,
+                                       crisp.budget_left(_connector(crisp_db))),
+                "configuration_changes": dg.MetadataValue.json(
+                    store.configuration_changes(context.run.run_id))})
 
     @dg.asset_check(asset=key("change_set"), blocking=True, name="mirror_guards",
                     description="Mirror refuses an empty segment and deletions beyond "
@@ -461,17 +483,14 @@ class _Preparation:
         if not store.website_id:
             raise dg.Failure(description=f"activation {config.name!r}: no Crisp website: set "
                              "`website_id` or CRISP_WEBSITE_ID")
-        with store.kept_open():  # no network wait in this block
-            changes = apply_configuration_changes(store, config, self.run_id,
-                                                  self.options.dry_run)
-            rekeyed = rekey_moved_people(store)
-            candidates = adoption_candidates(store, config)
+        changes = apply_configuration_changes(store, config, self.run_id,
+                                              self.options.dry_run)
+        rekeyed = rekey_moved_people(store)
         try:
             report = adopt_new_people(
                 store, config, _settings_factory(self.crisp, config),
                 self.crisp.client_options(), _connector(self.crisp_db),
-                _website_lock(self.context, self.crisp_db, store, config, self.options),
-                candidates)
+                _website_lock(self.context, self.crisp_db, store, config, self.options))
         except StopRun as error:
             raise dg.Failure(description=str(error)) from None
         except locks.ActivationLocked as error:

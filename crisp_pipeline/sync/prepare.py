@@ -121,17 +121,10 @@ class AdoptionReport:
     stats: RequestStats = field(default_factory=RequestStats)
 
 
-def adoption_candidates(store: StateStore, config: ActivationConfig) -> pl.DataFrame:
-    """The segment's people the snapshot does not know, whose email no managed person holds:
-    whom `adopt_new_people` looks up."""
-    return store.arrivals(list(config.managed_columns), unclaimed_emails=True)
-
-
 def adopt_new_people(store: StateStore, config: ActivationConfig,
                      settings_factory: Callable[[], CrispSettings],
                      options: ClientOptions, connect: Connect,
-                     website_lock: Callable[[], AbstractContextManager[None]],
-                     new: pl.DataFrame | None = None) -> AdoptionReport:
+                     website_lock: Callable[[], AbstractContextManager[None]]) -> AdoptionReport:
     """Look up, by email, the segment's people the snapshot does not know yet.
 
     A person found is *created* (by us) when our last change set planned to create them and
@@ -142,7 +135,7 @@ def adopt_new_people(store: StateStore, config: ActivationConfig,
     website's lock, so that no mirror deletes a person while another activation adopts them.
     """
     fields = list(config.managed_columns)
-    new = adoption_candidates(store, config) if new is None else new
+    new = store.arrivals(fields, unclaimed_emails=True)
     report = AdoptionReport(looked_up=new.height)
     if new.is_empty():
         return report
