@@ -232,9 +232,10 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
              pl.col(_EMAIL).alias(EMAIL))
 
+    # what the checks across rows and the bookkeeping need: narrow, so cheap to filter
+    keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH)
     fresh, unchanged = frame, None
     if known is not None:
-        keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH)
         is_known = keys.join(known.select(pl.col(IDENTIFIER).alias(_IDENTIFIER), RAW_HASH,
                                           pl.lit(True).alias("_known")),
                              on=[_IDENTIFIER, RAW_HASH], how="left", maintain_order="left"
@@ -247,7 +248,7 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
         problems.append(fresh.filter(condition).select(
             *where, pl.lit(field).alias("field"), pl.lit(reason).alias("reason"),
             message.alias("message")))
-    problems.extend(_people_twice(frame, config, where, fresh, unchanged))
+    problems.extend(_people_twice(keys, config, where, fresh, unchanged))
     rejected = pl.concat([p.cast(REJECTED_SCHEMA) for p in problems]).sort(ROW, "field")
     rejected_rows = rejected.select(pl.col(ROW).alias(_ROW)).unique()
 
@@ -264,7 +265,7 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     nobody = rejected.filter(names_nobody).select(pl.col(ROW).alias(_ROW)).unique()
     # the row's values in every column the activation reads, to tell a row seen before from a
     # new one (changes.departures); JSON text: exact, and stable across library versions
-    unidentified = frame.join(nobody, on=_ROW, how="semi").select(
+    unidentified = frame.filter(pl.col(_ROW).is_in(nobody.get_column(_ROW).implode())).select(
         pl.col(_ROW).alias(ROW),
         pl.struct(config.source_columns).struct.json_encode().alias("fingerprint"))
     return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,

@@ -386,11 +386,15 @@ class StateStore:
                 self._replace(connection, "segment", hashed)
                 written = {"written": hashed.height, "deleted": int(deleted)}
             else:
-                connection.register("kept", kept.to_arrow())
-                deleted = connection.execute(
-                    f"delete from {table} s where not exists (select 1 from kept k where "
-                    "k.identifier = s.identifier and k.raw_hash = s.raw_hash)").fetchone()[0]
-                connection.unregister("kept")
+                deleted = 0
+                stored = connection.execute(f"select count(*) from {table}").fetchone()[0]
+                if kept.height < stored:  # `kept` is a subset of the stored rows
+                    connection.register("kept", kept.to_arrow())
+                    deleted = connection.execute(
+                        f"delete from {table} s where not exists (select 1 from kept k where "
+                        "k.identifier = s.identifier and k.raw_hash = s.raw_hash)"
+                    ).fetchone()[0]
+                    connection.unregister("kept")
                 if not hashed.is_empty():
                     connection.register("arriving", hashed.to_arrow())
                     connection.execute(f"insert into {table} by name select * from arriving")
