@@ -9,8 +9,8 @@ staged segment and the snapshot, each row with its stored `row_hash` (computed b
 store when the row is written, so outside the timing). 5% of the people changed (one
 attribute each), 2% are new, 2% gone; mirror mode, so the gone are deletions.
 
-Contenders, each producing the whole change set (identifier, op, changed fields, old and new
-values as JSON objects):
+Contenders, each producing the whole change set (identifier, email, people_id, op, changed
+fields, old and new values and the people-data payload to send, as JSON objects):
 - pipeline: what the `change_set` asset does: the identifiers whose row hashes differ, then
   `changes.diff.plan_changes` on those rows only;
 - row_hash: a plain Polars diff over the same stored row hashes, written for this benchmark
@@ -21,7 +21,7 @@ values as JSON objects):
 Each contender lives in its own process (so its peak memory is its own) and they are timed in
 turns, round after round (interleaved, so machine load moves them alike); median of
 `--repeats` (at least 5). Every contender's output is checked equal to the pipeline's, as
-sets of (identifier, op, changed, old values, new values), values parsed from their JSON.
+sets of rows of every column above, values parsed from their JSON.
 Targets: the pipeline at least as fast as row_hash and faster than duckdb.
 """
 
@@ -93,16 +93,15 @@ def pipeline_diff(segment, snapshot, fields):
         old = snapshot.filter(pl.col("identifier").is_in(differing))
         planned = plan_changes(new, rejected, old, config,
                                managed_emails=snapshot.get_column("email"))
-        return planned.change_set.select("identifier", "op", "changed", "old_values",
-                                         "new_values")
+        return planned.change_set.select(*OUTPUT)
     return run
 
 
 def row_hash_diff(segment, snapshot, fields):
     import polars as pl
 
-    def obj(prefix: str, mask) -> pl.Expr:
-        parts = [pl.when(mask(f)).then(pl.format('"{}":{}', pl.lit(f), pl.col(prefix + f)))
+    def obj(prefix: str, mask, key=lambda f: f) -> pl.Expr:
+        parts = [pl.when(mask(f)).then(pl.format('"{}":{}', pl.lit(key(f)), pl.col(prefix + f)))
                  for f in fields]
         body = pl.concat_str(parts, separator=",", ignore_nulls=True).fill_null("")
         return pl.concat_str([pl.lit("{"), body, pl.lit("}")])
@@ -112,28 +111,33 @@ def row_hash_diff(segment, snapshot, fields):
                 .join(snapshot.select("identifier", pl.col("row_hash").alias("h_old")),
                       on="identifier", how="full", coalesce=True)
                 .filter(pl.col("h_new").ne_missing(pl.col("h_old"))))
-        both = (keys.join(segment.select("identifier", *[pl.col(f).alias("n:" + f)
-                                                          for f in fields]),
+        both = (keys.join(segment.select("identifier", pl.col("email").alias("n_email"),
+                                         *[pl.col(f).alias("n:" + f) for f in fields]),
                           on="identifier", how="left")
-                .join(snapshot.select("identifier", *[pl.col(f).alias("o:" + f)
-                                                      for f in fields]),
+                .join(snapshot.select("identifier", "people_id",
+                                      pl.col("email").alias("o_email"),
+                                      *[pl.col(f).alias("o:" + f) for f in fields]),
                       on="identifier", how="left"))
         differs = {f: pl.col("n:" + f).ne_missing(pl.col("o:" + f)) for f in fields}
+        every = lambda f: pl.lit(True)  # noqa: E731
         op = (pl.when(pl.col("h_old").is_null()).then(pl.lit("create"))
               .when(pl.col("h_new").is_null()).then(pl.lit("delete"))
               .otherwise(pl.lit("update")))
         changed = pl.concat_list([pl.when(differs[f]).then(pl.lit(f)) for f in fields]
                                  ).list.drop_nulls()
+        key = lambda f: f.removeprefix("data.")  # noqa: E731
         return both.select(
-            "identifier", op.alias("op"),
+            "identifier", pl.coalesce("n_email", "o_email").alias("email"), "people_id",
+            op.alias("op"),
             pl.when(op == "delete").then(pl.lit([], pl.List(pl.String))).otherwise(changed)
             .alias("changed"),
             pl.when(op == "create").then(None).when(op == "delete")
-            .then(obj("o:", lambda f: pl.lit(True))).otherwise(obj("o:", differs.get))
-            .alias("old_values"),
+            .then(obj("o:", every)).otherwise(obj("o:", differs.get)).alias("old_values"),
             pl.when(op == "delete").then(None).when(op == "create")
-            .then(obj("n:", lambda f: pl.lit(True))).otherwise(obj("n:", differs.get))
-            .alias("new_values"))
+            .then(obj("n:", every)).otherwise(obj("n:", differs.get)).alias("new_values"),
+            pl.when(op == "delete").then(None).when(op == "create")
+            .then(obj("n:", every, key)).otherwise(obj("n:", differs.get, key))
+            .alias("data_values"))
     return run
 
 
@@ -150,14 +154,17 @@ def duckdb_diff(segment, snapshot, fields):
     differs = {f: f"n.{q(f)} is distinct from o.{q(f)}" for f in fields}
     changed = ", ".join(f"case when {differs[f]} then '{f}' end" for f in fields)
 
-    def obj(side: str, every: bool) -> str:
+    def obj(side: str, every: bool, data_keys: bool = False) -> str:
+        def key(f: str) -> str:
+            return f.removeprefix("data.") if data_keys else f
         parts = ", ".join(
-            f"case when {'true' if every else differs[f]} then '\"{f}\":' || {side}.{q(f)} end"
-            for f in fields)
+            f"case when {'true' if every else differs[f]} then '\"{key(f)}\":' || "
+            f"{side}.{q(f)} end" for f in fields)
         return f"'{{' || concat_ws(',', {parts}) || '}}'"
 
     sql = f"""
         select coalesce(n.identifier, o.identifier) as identifier,
+          coalesce(n.email, o.email) as email, o.people_id,
           case when o.identifier is null then 'create'
                when n.identifier is null then 'delete' else 'update' end as op,
           case when n.identifier is null then []::varchar[]
@@ -165,7 +172,9 @@ def duckdb_diff(segment, snapshot, fields):
           case when o.identifier is null then null when n.identifier is null
                then {obj("o", True)} else {obj("o", False)} end as old_values,
           case when n.identifier is null then null when o.identifier is null
-               then {obj("n", True)} else {obj("n", False)} end as new_values
+               then {obj("n", True)} else {obj("n", False)} end as new_values,
+          case when n.identifier is null then null when o.identifier is null
+               then {obj("n", True, True)} else {obj("n", False, True)} end as data_values
         from seg n full outer join snap o on n.identifier = o.identifier
         where n.row_hash is distinct from o.row_hash
     """
@@ -178,13 +187,18 @@ def duckdb_diff(segment, snapshot, fields):
 CONTENDERS = {"pipeline": pipeline_diff, "row_hash": row_hash_diff, "duckdb": duckdb_diff}
 
 
+OUTPUT = ("identifier", "email", "people_id", "op", "changed", "old_values", "new_values",
+          "data_values")
+
+
 def canonical(frame) -> set[tuple]:
     """The change set as comparable data: values parsed from their JSON text."""
     def parsed(text):
         return None if text is None else tuple(sorted(json.loads(text).items()))
-    return {(row["identifier"], row["op"], tuple(sorted(row["changed"] or [])),
-             parsed(row["old_values"]), parsed(row["new_values"]))
-            for row in frame.iter_rows(named=True)}
+    return {(row["identifier"], row["email"], row["people_id"], row["op"],
+             tuple(sorted(row["changed"] or [])), parsed(row["old_values"]),
+             parsed(row["new_values"]), parsed(row["data_values"]))
+            for row in frame.select(OUTPUT).iter_rows(named=True)}
 
 
 def serve(name: str, people: int, attributes: int, pipe) -> None:

@@ -37,6 +37,8 @@ from .departures import HELD, DepartureContext, decide
 from .encode import JSON_NULL, encode_expr, encode_value
 from .normalize import EMAIL, IDENTIFIER, ROW
 
+ROW_HASH = "row_hash"  # as the state store keeps it
+
 OPS = ("create", "update", "delete", "release", "skip")
 
 
@@ -103,10 +105,15 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
     since a new row's email may be held by a managed person whose row did not change."""
     fields = list(config.managed_columns)
     fingerprinted = [*fields, EMAIL]
-    # 1. who differs at all: a join of identifiers and fingerprints only
-    keys = (segment.lazy().select(IDENTIFIER, _row_hash(fingerprinted).alias("h_new"))
+    # 1. who differs at all: a join of identifiers and fingerprints only; the row hashes the
+    # state store keeps when both sides have them (one hash function, see the store), else
+    # computed here (a false difference only costs a comparison of values below)
+    stored = all(ROW_HASH in f.columns and f.get_column(ROW_HASH).null_count() == 0
+                 for f in (segment, snapshot))
+    new_hash = pl.col(ROW_HASH) if stored else _row_hash(fingerprinted)
+    keys = (segment.lazy().select(IDENTIFIER, new_hash.alias("h_new"))
             .with_row_index("i_new")
-            .join(snapshot.lazy().select(IDENTIFIER, _row_hash(fingerprinted).alias("h_old"))
+            .join(snapshot.lazy().select(IDENTIFIER, new_hash.alias("h_old"))
                   .with_row_index("i_old"), on=IDENTIFIER, how="full", coalesce=True)
             .filter(pl.col("h_new").ne_missing(pl.col("h_old")))
             .select(IDENTIFIER, "i_new", "i_old")).collect()

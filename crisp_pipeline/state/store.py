@@ -92,6 +92,13 @@ def lock_wait_seconds() -> float:
     return float(os.environ.get("CRISP_PIPELINE_DB_WAIT_SECONDS") or 60)
 
 
+def hold_seconds() -> float:
+    """The longest this process keeps the DuckDB file open at a stretch while a run works
+    (CRISP_PIPELINE_DB_HOLD_SECONDS, default 10; 0 opens it for each use only): see
+    `file_kept_open`."""
+    return float(os.environ.get("CRISP_PIPELINE_DB_HOLD_SECONDS") or 10)
+
+
 def _waited_enough(retry_state) -> bool:
     return retry_state.seconds_since_start >= lock_wait_seconds()
 
@@ -154,13 +161,14 @@ def now() -> datetime:
 class _Hold:
     """A connection that keeps a DuckDB file open in this process (see `file_kept_open`)."""
 
-    # Held at most this long at a stretch, then let go for PAUSE_SECONDS: another process
-    # waiting for the file (it retries for `lock_wait_seconds`) gets its turn. Let go too
-    # when unused for IDLE_SECONDS (a long network wait).
-    MAX_SECONDS, PAUSE_SECONDS, IDLE_SECONDS = 10.0, 2.0, 1.0
+    # Held at most `hold_seconds()` at a stretch, then let go for PAUSE_SECONDS: another
+    # process waiting for the file (it retries for `lock_wait_seconds`) gets its turn. Let go
+    # too when unused for IDLE_SECONDS (a long network wait).
+    PAUSE_SECONDS, IDLE_SECONDS = 2.0, 1.0
 
     def __init__(self, path: str, config: dict | None) -> None:
         self.path, self.config = path, config
+        self.MAX_SECONDS = hold_seconds()
         self.connection: duckdb.DuckDBPyConnection | None = None
         self.depth = 0
         self.opened_at = self.used_at = self.paused_until = 0.0
@@ -214,6 +222,9 @@ def file_kept_open(path: str, config: dict | None = None) -> Iterator[None]:
     once, when the file is let go, instead of after every use. The file is let go after
     `_Hold.MAX_SECONDS` at a stretch, or `_Hold.IDLE_SECONDS` unused, so that another
     process waiting for it is not starved. Blocks nest."""
+    if hold_seconds() <= 0:
+        yield
+        return
     key = os.path.realpath(path)
     with _file_lock(path):
         hold = _HOLDS.get(key)
