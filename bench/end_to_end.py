@@ -3,7 +3,8 @@ Dagster, in process) on a large segment that Crisp already holds, against the fl
 in the same process: reading the segment query into Polars.
 
     python bench/end_to_end.py                     # 1,000,000 people x 20 attributes
-    python bench/end_to_end.py --people 10000000   # 10M
+    python bench/end_to_end.py --people 10000000   # 10M (Crisp then holds only the people
+                                                   # the trials change: see `seed_state`)
 
 Setup, as cheaply as it honestly can: the segment is written into a DuckDB table; the
 emulator (its own process, no quota, no rate limit) starts from a state file holding every
@@ -98,8 +99,12 @@ def config_for(attributes: int):
         reconcile={"max_requests": 0})  # the runs measure the sync, not re-reading Crisp
 
 
-def seed_state(db_path: str, state_file: Path, segment: pl.DataFrame, config) -> None:
-    """Crisp and the snapshot as a first sync would leave them."""
+def seed_state(db_path: str, state_file: Path, segment: pl.DataFrame, config,
+               only_changing: int | None = None) -> None:
+    """Crisp and the snapshot as a first sync would leave them. With `only_changing`, Crisp
+    holds only the people the first `only_changing` trials change (`change_one_percent`):
+    the runs send requests for no one else, and ten million people would not fit in the
+    emulator's memory."""
     from crisp_pipeline.changes.normalize import normalize_segment
     from crisp_pipeline.state.store import StateStore, connect_file, now
 
@@ -112,10 +117,17 @@ def seed_state(db_path: str, state_file: Path, segment: pl.DataFrame, config) ->
     people_ids = [f"p-{i:08d}" for i in range(accepted.height)]
     created = int(time.time() * 1000) - 86_400_000
     data_fields = [f for f in fields if f.startswith("data.")]
-    decoded = accepted.select(*[pl.col(f) for f in fields]).rows()
+    held = accepted.with_columns(pl.Series("people_id", people_ids))
+    if only_changing is not None:
+        with duckdb.connect(db_path) as connection:
+            changing = connection.execute(
+                f"select email from customers where hash(email) % 100 < {only_changing}").pl()
+        held = held.join(changing.select(pl.col("email").str.to_lowercase()), on="email",
+                         how="semi")
+    decoded = held.select(*[pl.col(f) for f in fields]).rows()
     people = []
-    for people_id, email, values in zip(people_ids, accepted.get_column("email"), decoded,
-                                        strict=True):
+    for people_id, email, values in zip(held.get_column("people_id"), held.get_column("email"),
+                                        decoded, strict=True):
         by_field = dict(zip(fields, (json.loads(v) for v in values), strict=True))
         people.append({
             "people_id": people_id, "email": email,
@@ -222,7 +234,11 @@ def main() -> None:
         config = config_for(args.attributes)
         print(f"{args.people:,} people x {args.attributes} attributes: setting up ...",
               flush=True)
-        seed_state(db_path, state_file, make_segment(args.people, args.attributes), config)
+        only_changing = args.trials if args.people > 2_000_000 else None
+        if only_changing:
+            print(f"  Crisp holds the {only_changing}% of people the trials change", flush=True)
+        seed_state(db_path, state_file, make_segment(args.people, args.attributes), config,
+                   only_changing)
         port = free_port()
         emulator = start_emulator(port, state_file)
         try:

@@ -65,6 +65,8 @@ class NormalizedSegment:
     source_rows: int
     # identifier, raw_hash of the accepted rows that were `known` and are not in `accepted`
     kept: pl.DataFrame | None = None
+    # identifiers of the `known` rows that are not kept: what the stored segment loses
+    leaving: pl.Series | None = None
 
     @property
     def complete(self) -> bool:
@@ -255,8 +257,14 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     encoded = [encode_expr(values[field]).alias(field) for field in config.managed_columns]
     accepted = (fresh.join(rejected_rows, on=_ROW, how="anti")
                 .select(*where, *encoded, RAW_HASH))
-    kept = None if unchanged is None else unchanged.join(rejected_rows, on=_ROW, how="anti").select(
-        pl.col(_IDENTIFIER).alias(IDENTIFIER), RAW_HASH)
+    kept = leaving = None
+    if unchanged is not None:
+        kept = unchanged.join(rejected_rows, on=_ROW, how="anti").select(
+            pl.col(_IDENTIFIER).alias(IDENTIFIER), RAW_HASH)
+        # known identifiers are unique and `kept` pairs are known pairs: an identifier
+        # comparison is enough
+        leaving = known.get_column(IDENTIFIER).filter(
+            ~known.get_column(IDENTIFIER).is_in(kept.get_column(IDENTIFIER).implode()))
     # rows that name nobody (no identifier; keyed by email, an email that is no one's): such a
     # row is still someone, which mirror must keep in mind before deleting anybody
     names_nobody = pl.col("reason") == "missing_identifier"
@@ -269,7 +277,7 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
         pl.col(_ROW).alias(ROW),
         pl.struct(config.source_columns).struct.json_encode().alias("fingerprint"))
     return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,
-                             source_rows=raw.height, kept=kept)
+                             source_rows=raw.height, kept=kept, leaving=leaving)
 
 
 def _people_twice(frame: pl.DataFrame, config: ActivationConfig, where: tuple,

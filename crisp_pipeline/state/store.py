@@ -379,11 +379,12 @@ class StateStore:
 
     def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame,
                       unidentified: pl.DataFrame, run_id: str, kept: pl.DataFrame | None = None,
-                      key: str | None = None) -> dict[str, int]:
+                      key: str | None = None, leaving: pl.Series | None = None
+                      ) -> dict[str, int]:
         """Keep this run's segment. With `kept` (identifier, raw_hash of the stored rows that
-        did not change, `changes.normalize`), only the rest is deleted and `accepted` (the
-        rows that changed) inserted; without it `accepted` is the whole segment and replaces
-        the table. `key` is the normalisation key the fingerprints were taken under. Each
+        did not change, `changes.normalize`), only the rest (`leaving`, when the caller
+        knows it) is deleted and `accepted` (the rows that changed) inserted; without it
+        `accepted` is the whole segment and replaces the table. `key` is the normalisation key the fingerprints were taken under. Each
         stored row carries `row_hash`, the hash of its identifier, email and fields, hashed as
         the snapshot hashes its rows. Returns the rows written and deleted."""
         fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash")]
@@ -398,14 +399,19 @@ class StateStore:
                 written = {"written": hashed.height, "deleted": int(deleted)}
             else:
                 deleted = 0
-                stored = connection.execute(f"select count(*) from {table}").fetchone()[0]
-                if kept.height < stored:  # `kept` is a subset of the stored rows
+                if leaving is None:  # `kept` is a subset of the stored rows
                     connection.register("kept", kept.to_arrow())
                     deleted = connection.execute(
                         f"delete from {table} s where not exists (select 1 from kept k where "
                         "k.identifier = s.identifier and k.raw_hash = s.raw_hash)"
                     ).fetchone()[0]
                     connection.unregister("kept")
+                elif len(leaving):
+                    connection.register("leaving", leaving.to_frame("identifier").to_arrow())
+                    deleted = connection.execute(
+                        f"delete from {table} where identifier in (select identifier from "
+                        "leaving)").fetchone()[0]
+                    connection.unregister("leaving")
                 if not hashed.is_empty():
                     connection.register("arriving", hashed.to_arrow())
                     connection.execute(f"insert into {table} by name select * from arriving")

@@ -39,7 +39,8 @@ def stage_segment(store: StateStore, config: ActivationConfig, source: SegmentSo
     with store.kept_open():
         normalized = normalize_segment(raw, config, known=store.segment_fingerprints(key))
         store.write_segment(normalized.accepted, normalized.rejected, normalized.unidentified,
-                            run_id, kept=normalized.kept, key=key)
+                            run_id, kept=normalized.kept, key=key,
+                            leaving=normalized.leaving)
     return normalized
 
 
