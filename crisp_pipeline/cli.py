@@ -191,9 +191,10 @@ def reconcile(activation: str, db: str | None, full: bool, max_requests: int) ->
 @click.option("--db", default=None, help="DuckDB file holding the state.")
 def status(db: str | None) -> None:
     """One line per activation: people managed, last sync and its figures."""
-    import duckdb
+    from crisp_pipeline.state.store import open_duckdb
 
-    connection = duckdb.connect(_db_path(db), read_only=True)
+    # waits, as every step does, for a process holding the file (a run keeps it open)
+    connection = open_duckdb(_db_path(db), {"access_mode": "READ_ONLY"})
     try:
         schemas = [row[0] for row in connection.execute(
             "select distinct table_schema from information_schema.tables "

@@ -108,7 +108,9 @@ class StateUnavailableFailure(dg.Failure, StateUnavailable):
 def _connector(db: DuckDBResource):
     """Connections to the resource's DuckDB file, opened as `state.store.open_duckdb` does
     (waiting out another writer's lock, failing at once on anything else) and always closed."""
-    connect = connect_file(db.database, db.connection_config)
+    # the settings DuckDBResource.get_connection() opens the file with: DuckDB refuses a
+    # second connection with other settings while the file is kept open in this process
+    connect = connect_file(db.database, {"custom_user_agent": "dagster", **db.connection_config})
 
     @contextlib.contextmanager
     def guarded() -> Iterator[Any]:
@@ -158,8 +160,8 @@ def _holding_activation(context: Any, db: DuckDBResource, config: ActivationConf
                       run_active=_run_active(context))
     except locks.ActivationLocked as error:
         raise dg.Failure(description=str(error)) from None
-    _keep_open_for_run(connect, run_id, config.name)
     try:
+        _keep_open_for_run(connect, run_id, config.name)
         yield
     except BaseException:
         _let_go(connect, config.name, run_id)
@@ -184,10 +186,12 @@ def _keep_open_for_run(connect: Any, run_id: str, name: str) -> None:
 
 def _let_go(connect: Any, name: str, run_id: str) -> None:
     """The run goes no further: its lock is given back and its file let go."""
-    locks.release(connect, name, run_id)
-    kept = _OPEN_FOR_RUN.pop((run_id, name), None)
-    if kept is not None:
-        kept.close()
+    try:
+        locks.release(connect, name, run_id)
+    finally:
+        kept = _OPEN_FOR_RUN.pop((run_id, name), None)
+        if kept is not None:
+            kept.close()
 
 
 def _run_active(context: Any):

@@ -114,3 +114,25 @@ def test_whatever_the_sequence_the_staged_segment_is_the_latest_normalised(
             raw = frame(rows)
             stage_segment(store, config, Source(raw), f"r{index}")
             assert staged(store, config) == from_scratch(raw, config)
+
+
+def test_minus_zero_is_zero_whether_normalised_anew_or_not(tmp_path):
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_w", "w")
+    rows = [("u1", "a@x.io", "A", "free", 0.0), ("u2", "b@x.io", "B", "free", 2.0)]
+    stage_segment(store, BY_EMAIL, Source(frame(rows)), "r1")
+    rows[0] = ("u1", "a@x.io", "A", "free", -0.0)
+    stage_segment(store, BY_EMAIL, Source(frame(rows)), "r2")
+    assert staged(store, BY_EMAIL) == from_scratch(frame(rows), BY_EMAIL)
+
+
+def test_a_segment_rewritten_by_an_older_version_is_normalised_anew(tmp_path):
+    """The previous release rewrites `segment` without `raw_hash` and leaves `segment_key`."""
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_w", "w")
+    rows = [(f"u{i}", f"p{i}@x.io", f"P{i}", "free", float(i)) for i in range(10)]
+    stage_segment(store, BY_EMAIL, Source(frame(rows)), "r1")
+    with store._transaction() as connection:
+        connection.execute(f"create or replace table {store.table('segment')} as select * "
+                           f"exclude (raw_hash) from {store.table('segment')}")
+    result = stage_segment(store, BY_EMAIL, Source(frame(rows)), "r2")
+    assert result.complete
+    assert staged(store, BY_EMAIL) == from_scratch(frame(rows), BY_EMAIL)

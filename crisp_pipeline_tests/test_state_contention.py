@@ -80,3 +80,19 @@ def test_a_state_file_held_by_another_process_defers_the_rest_and_loses_no_confi
     assert len(pipeline.crisp()) == 90 and pipeline.metadata(
         pipeline.run(), "change_set")["updates"] == 0
     pipeline.assert_snapshot_matches_crisp()
+
+
+def test_the_warehouse_resource_connects_while_a_run_keeps_the_state_open(tmp_path):
+    """DuckDB refuses, in one process, a second connection to a file with other settings:
+    the state is kept open with the settings of DuckDBResource.get_connection()."""
+    from dagster_duckdb import DuckDBResource
+
+    from crisp_pipeline.component import _connector
+
+    resource = DuckDBResource(database=str(tmp_path / "w.duckdb"))
+    connect = _connector(resource)
+    with connect.kept_open():
+        with connect() as connection:
+            connection.execute("create table t as select 1 as x")
+        with resource.get_connection() as connection:
+            assert connection.execute("select x from t").fetchone() == (1,)

@@ -146,6 +146,9 @@ def _blank_to_null(expr: pl.Expr) -> pl.Expr:
 def _value_expr(column: str, field: str, dtype: pl.DataType) -> pl.Expr:
     """A managed column's value as Crisp will hold it (not yet encoded)."""
     expr, kind = pl.col(column), crisp_fields.kind_of(field)
+    if dtype.is_float():
+        # -0.0 is 0 to Crisp, and to the row fingerprint (`raw_hashes`): one spelling
+        expr = pl.when(expr == 0).then(pl.lit(0.0, dtype)).otherwise(expr)
     if kind == crisp_fields.SEGMENTS:
         if dtype == pl.String:
             expr = expr.str.split(",")

@@ -372,8 +372,9 @@ class StateStore:
                 return None
             stored = connection.execute(
                 f"select key from {self.table('segment_key')}").fetchone()
-            if stored is None or stored[0] != key:
-                return None
+            if stored is None or stored[0] != key or \
+                    "raw_hash" not in self._columns(connection, "segment"):
+                return None  # (an older version may have rewritten the segment since)
             return connection.execute(
                 f"select identifier, raw_hash from {self.table('segment')}").pl()
 
@@ -500,10 +501,11 @@ class StateStore:
 
     def _snapshot_rows(self, connection: duckdb.DuckDBPyConnection, fields: list[str],
                        where: str = "true", params: list | None = None,
-                       order: str = "") -> pl.DataFrame:
-        """This website's snapshot rows matching `where`: the keys and `fields`, typed."""
+                       order: str = "", extra: tuple[str, ...] = ()) -> pl.DataFrame:
+        """This website's snapshot rows matching `where`: the keys, `fields` and `extra`
+        columns, typed."""
         self._ensure_snapshot(connection, fields)
-        columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields])
+        columns = ", ".join(quote(c) for c in [*SNAPSHOT_KEYS, *fields, *extra])
         frame = connection.execute(
             f"select {columns} from {self.table('snapshot')} where website_id = ? and "
             f"({where}) {order}", [self._website(), *(params or [])]).pl()
@@ -528,7 +530,9 @@ class StateStore:
             return
         self._ensure_snapshot(connection, fields)
         columns = [c for c in [*SNAPSHOT_KEYS, *fields] if c in confirmed.columns]
-        confirmed = confirmed.select(columns)
+        # one row per person (callers give one; a second would make the statements disagree)
+        confirmed = confirmed.select(columns).unique("identifier", keep="last",
+                                                     maintain_order=True)
         snapshot = self.table("snapshot")
         connection.register("confirmed_rows", confirmed.to_arrow())
         website = [self._website()]
@@ -919,7 +923,8 @@ class StateStore:
                 f"select * from {self.table('segment')} where identifier in "
                 "(select identifier from differing)").pl()
             snapshot = self._snapshot_rows(connection, fields,
-                                           "identifier in (select identifier from differing)")
+                                           "identifier in (select identifier from differing)",
+                                           extra=("row_hash",))
             connection.execute("drop table differing")
         return segment, snapshot
 

@@ -34,7 +34,7 @@ def stage_segment(store: StateStore, config: ActivationConfig, source: SegmentSo
     """Read the source, normalise the rows that changed since the staged segment (all of
     them when it was staged under another normalisation key), and keep it as this run's
     segment."""
-    raw = source.read()  # the state is not held open meanwhile: a warehouse may be slow
+    raw = source.read()
     key = normalization_key(raw.schema, config)
     with store.kept_open():
         normalized = normalize_segment(raw, config, known=store.segment_fingerprints(key))
