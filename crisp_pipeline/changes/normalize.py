@@ -264,10 +264,10 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     if unchanged is not None:
         kept = unchanged.join(rejected_rows, on=_ROW, how="anti").select(
             pl.col(_IDENTIFIER).alias(IDENTIFIER), RAW_HASH)
-        # known identifiers are unique and `kept` pairs are known pairs: an identifier
-        # comparison is enough
-        leaving = known.get_column(IDENTIFIER).filter(
-            ~known.get_column(IDENTIFIER).is_in(kept.get_column(IDENTIFIER).implode()))
+        leaving = _leaving(known.get_column(IDENTIFIER), kept.get_column(IDENTIFIER),
+                           pl.concat([fresh.get_column(_IDENTIFIER),
+                                      unchanged.join(rejected_rows, on=_ROW,
+                                                     how="semi").get_column(_IDENTIFIER)]))
     # rows that name nobody (no identifier; keyed by email, an email that is no one's): such a
     # row is still someone, which mirror must keep in mind before deleting anybody
     names_nobody = pl.col("reason") == "missing_identifier"
@@ -281,6 +281,20 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
         pl.struct(config.source_columns).struct.json_encode().alias("fingerprint"))
     return NormalizedSegment(accepted=accepted, rejected=rejected, unidentified=unidentified,
                              source_rows=raw.height, kept=kept, leaving=leaving)
+
+
+def _leaving(known: pl.Series, kept: pl.Series, seen: pl.Series) -> pl.Series:
+    """The known identifiers that are not kept. Known identifiers are unique and every kept
+    one is known, so: none when all are kept; else, usually, those among the identifiers
+    of this run's rows that were not kept (`seen`: changed or rejected rows; such an
+    identifier is never kept, since a kept row has no other row with its identifier); only
+    when some known identifier is in no row at all, a comparison with every kept one."""
+    if kept.len() == known.len():
+        return known.clear()
+    candidates = known.filter(known.is_in(seen.drop_nulls().implode()))
+    if kept.len() + candidates.len() == known.len():
+        return candidates
+    return known.filter(~known.is_in(kept.implode()))
 
 
 def _people_twice(frame: pl.DataFrame, config: ActivationConfig, where: tuple,

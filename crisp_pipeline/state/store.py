@@ -950,14 +950,19 @@ class StateStore:
                                             **{f: pl.String for f in fields}})
             columns = ", ".join(f"s.{quote(c)}" for c in ["identifier", "email", *fields])
             snapshot = self.table("snapshot")
-            where = ""
-            if unclaimed_emails:
-                where = (f" where lower(s.email) not in (select lower(email) from {snapshot} "
-                         "where website_id = $1 and email is not null)")
-            return connection.execute(
+            arriving = connection.execute(
                 f"select {columns} from {self.table('segment')} s anti join (select "
                 f"identifier from {snapshot} where website_id = $1) k on k.identifier = "
-                f"s.identifier{where}", [self._website()]).pl()
+                "s.identifier", [self._website()]).pl()
+            if not unclaimed_emails or arriving.is_empty():
+                return arriving  # (most runs: no need to lower-case every managed email)
+            connection.register("arriving", arriving.to_arrow())
+            unclaimed = connection.execute(
+                f"select * from arriving where lower(email) not in (select lower(email) from "
+                f"{snapshot} where website_id = $1 and email is not null)",
+                [self._website()]).pl()
+            connection.unregister("arriving")
+            return unclaimed.cast(arriving.schema)
 
     def unnamed_managed(self) -> pl.DataFrame:
         """Managed people (identifier, people_id, email) whose identifier no row of the staged
