@@ -57,7 +57,6 @@ def _peak() -> int:
 def stored_frames(people: int, attributes: int):
     """(segment, snapshot, fields) with the row hashes the state store keeps."""
     import polars as pl
-
     from datasets import make_frames
 
     segment, snapshot = make_frames(people, attributes)
@@ -73,9 +72,9 @@ def stored_frames(people: int, attributes: int):
 
 def pipeline_diff(segment, snapshot, fields):
     import polars as pl
+    from datasets import config_for
 
     from crisp_pipeline.changes.diff import plan_changes
-    from datasets import config_for
 
     rejected = pl.DataFrame(schema={"row_number": pl.Int64, "identifier": pl.String,
                                     "email": pl.String, "field": pl.String,
@@ -119,13 +118,13 @@ def row_hash_diff(segment, snapshot, fields):
                                       *[pl.col(f).alias("o:" + f) for f in fields]),
                       on="identifier", how="left"))
         differs = {f: pl.col("n:" + f).ne_missing(pl.col("o:" + f)) for f in fields}
-        every = lambda f: pl.lit(True)  # noqa: E731
+        every = lambda f: pl.lit(True)
         op = (pl.when(pl.col("h_old").is_null()).then(pl.lit("create"))
               .when(pl.col("h_new").is_null()).then(pl.lit("delete"))
               .otherwise(pl.lit("update")))
         changed = pl.concat_list([pl.when(differs[f]).then(pl.lit(f)) for f in fields]
                                  ).list.drop_nulls()
-        key = lambda f: f.removeprefix("data.")  # noqa: E731
+        key = lambda f: f.removeprefix("data.")
         return both.select(
             "identifier", pl.coalesce("n_email", "o_email").alias("email"), "people_id",
             op.alias("op"),

@@ -36,8 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import logging
-
 import duckdb
 import numpy as np
 import polars as pl
@@ -172,8 +170,11 @@ class Runner:
     def __init__(self, db_path: str, config, max_in_flight: int | None = None) -> None:
         import dagster as dg
 
-        from crisp_pipeline.component import (CrispResource, build_activation_defs,
-                                              default_resources)
+        from crisp_pipeline.component import (
+            CrispResource,
+            build_activation_defs,
+            default_resources,
+        )
 
         self.db_path = db_path
         self.instance = dg.DagsterInstance.ephemeral()

@@ -43,7 +43,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from end_to_end import Runner, free_port, start_emulator  # noqa: E402
+from end_to_end import Runner, free_port, start_emulator
 
 SITES = {"pipeline": "bench-pipeline", "httpx": "bench-httpx", "official": "bench-official"}
 TOKEN_ID, TOKEN_KEY, ADMIN = "bench-id", "bench-key", "bench-admin"

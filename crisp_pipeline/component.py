@@ -31,9 +31,20 @@ from crisp_pipeline.state.budget import remaining_today
 from crisp_pipeline.state.store import StateStore, StateUnavailable, connect_file
 from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
-    AdoptionReport, Plan, adopt_new_people, apply_configuration_changes, current_verdict,
-    plan_change_set, rekey_moved_people, stage_segment)
-from crisp_pipeline.sync.reconcile import ReconcileReport, full_reconcile_cost, reconcile_snapshot
+    AdoptionReport,
+    Plan,
+    adopt_new_people,
+    apply_configuration_changes,
+    current_verdict,
+    plan_change_set,
+    rekey_moved_people,
+    stage_segment,
+)
+from crisp_pipeline.sync.reconcile import (
+    ReconcileReport,
+    full_reconcile_cost,
+    reconcile_snapshot,
+)
 from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
 from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
 
@@ -252,7 +263,7 @@ def _settings_factory(crisp: CrispResource, config: ActivationConfig):
 def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     """Assets, checks, job, schedule and sensor of one activation, keyed by its name."""
     name = config.name
-    key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
+    key = lambda asset: dg.AssetKey([name, asset])
     common = dict(group_name=name, pool=f"crisp_{name}", owners=[],
                   tags={"crisp/mode": config.mode.value})
 

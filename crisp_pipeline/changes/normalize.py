@@ -21,6 +21,7 @@ rows that changed. The fingerprints are only comparable under the same `normaliz
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -77,17 +78,19 @@ class NormalizedSegment:
         return self.accepted.height + (0 if self.kept is None else self.kept.height)
 
 
-# What a row normalises to depends on this code too: its text is part of the key.
-_CODE = hashlib.sha256(b"".join(
-    (Path(__file__).parent / name).read_bytes() for name in ("normalize.py", "encode.py",
-                                                             "fields.py")) +
-    (Path(__file__).parent.parent / "crisp" / "contract.py").read_bytes()).hexdigest()
+@functools.cache
+def _code_version() -> str:
+    """What a row normalises to depends on this code too: its text is part of the key."""
+    here = Path(__file__).parent
+    sources = [here / "normalize.py", here / "encode.py", here / "fields.py",
+               here.parent / "crisp" / "contract.py"]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
 
 
 def normalization_key(raw_schema: pl.Schema, config: ActivationConfig) -> str:
     """Fingerprints (`raw_hash`) of two runs are comparable only when this is equal."""
     columns = config.source_columns
-    return json.dumps([pl.__version__, RAW_HASH_SEED, _CODE,
+    return json.dumps([pl.__version__, RAW_HASH_SEED, _code_version(),
                        [[c, str(raw_schema.get(c))] for c in columns],
                        config.identifier_column, config.email_column, config.keyed_by_email,
                        sorted(config.managed_columns.items())])
