@@ -63,8 +63,8 @@ def emulator(host: str, port: int, website_ids: tuple[str, ...], tokens: tuple[s
     config = EmulatorConfig(
         website_ids=list(website_ids), tokens=specs,
         rate_limit_per_second=rate_limit or None, rate_limit_status=int(rate_limit_status),
-        retry_after_header=retry_after, seed=seed, state_file=state_file, initial_state=initial_state,
-        admin_key=admin_key,
+        retry_after_header=retry_after, seed=seed, state_file=state_file,
+        initial_state=initial_state, admin_key=admin_key,
         faults=FaultPlan(latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms,
                          error_rate=fault_rate, drop_rate=drop_rate),
     )

@@ -352,9 +352,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                     "window), unless the run overrides its guards.")
     def mirror_guards(context: dg.AssetCheckExecutionContext, crisp_db: DuckDBResource,
                       crisp_run: CrispRunOptions) -> dg.AssetCheckResult:
-        store = _store(crisp_db, config)
-        with store.kept_open():
-            verdict = current_verdict(store, config)
+        verdict = current_verdict(_store(crisp_db, config), config)
         overridden = not verdict.passed and crisp_run.override_guards
         if not (verdict.passed or overridden):
             _release_activation(context.op_execution_context, crisp_db, config)

@@ -93,7 +93,7 @@ def normalization_key(raw_schema: pl.Schema, config: ActivationConfig) -> str:
     return json.dumps([pl.__version__, RAW_HASH_SEED, _code_version(),
                        [[c, str(raw_schema.get(c))] for c in columns],
                        config.identifier_column, config.email_column, config.keyed_by_email,
-                       sorted(config.managed_columns.items())])
+                       list(config.managed_columns.items())])  # in order: row hashes
 
 
 def raw_hashes(raw: pl.DataFrame, config: ActivationConfig) -> pl.Series:
@@ -265,12 +265,12 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
                 .select(*where, *encoded, RAW_HASH))
     kept = leaving = None
     if unchanged is not None:
-        kept = unchanged.join(rejected_rows, on=_ROW, how="anti").select(
-            pl.col(_IDENTIFIER).alias(IDENTIFIER), RAW_HASH)
-        leaving = _leaving(known.get_column(IDENTIFIER), kept.get_column(IDENTIFIER),
-                           pl.concat([fresh.get_column(_IDENTIFIER),
-                                      unchanged.join(rejected_rows, on=_ROW,
-                                                     how="semi").get_column(_IDENTIFIER)]))
+        now_rejected = unchanged.get_column(_ROW).is_in(rejected_rows.get_column(_ROW).implode())
+        kept = unchanged.filter(~now_rejected).select(pl.col(_IDENTIFIER).alias(IDENTIFIER),
+                                                      RAW_HASH)
+        seen = pl.concat([fresh.get_column(_IDENTIFIER),
+                          unchanged.filter(now_rejected).get_column(_IDENTIFIER)])
+        leaving = _leaving(known.get_column(IDENTIFIER), kept.get_column(IDENTIFIER), seen)
     # rows that name nobody (no identifier; keyed by email, an email that is no one's): such a
     # row is still someone, which mirror must keep in mind before deleting anybody
     names_nobody = pl.col("reason") == "missing_identifier"

@@ -168,7 +168,7 @@ class _Hold:
 
     def __init__(self, path: str, config: dict | None) -> None:
         self.path, self.config = path, config
-        self.MAX_SECONDS = hold_seconds()
+        self.max_seconds = hold_seconds()
         self.connection: duckdb.DuckDBPyConnection | None = None
         self.depth = 0
         self.opened_at = self.used_at = self.paused_until = 0.0
@@ -177,7 +177,7 @@ class _Hold:
     def refresh(self) -> None:
         """Before a use (under the file's lock): open, or let go after a long stretch."""
         moment = time.monotonic()
-        if self.connection is not None and moment - self.opened_at > self.MAX_SECONDS:
+        if self.connection is not None and moment - self.opened_at > self.max_seconds:
             self.release(pause=True)
         elif self.connection is None and self.depth and moment >= self.paused_until:
             self.connection = open_duckdb(self.path, self.config)
@@ -203,8 +203,8 @@ class _Hold:
                 moment = time.monotonic()
                 if self.connection is not None and (
                         moment - self.used_at > self.IDLE_SECONDS
-                        or moment - self.opened_at > self.MAX_SECONDS):
-                    self.release(pause=moment - self.opened_at > self.MAX_SECONDS)
+                        or moment - self.opened_at > self.max_seconds):
+                    self.release(pause=moment - self.opened_at > self.max_seconds)
             finally:
                 lock.release()
 
@@ -220,7 +220,7 @@ def file_kept_open(path: str, config: dict | None = None) -> Iterator[None]:
     a 1M-person state), its queries share a warm cache instead of reading the file again
     (loading the snapshot's key index alone takes about 0.2 s), and writes are checkpointed
     once, when the file is let go, instead of after every use. The file is let go after
-    `_Hold.MAX_SECONDS` at a stretch, or `_Hold.IDLE_SECONDS` unused, so that another
+    `hold_seconds()` at a stretch, or `_Hold.IDLE_SECONDS` unused, so that another
     process waiting for it is not starved. Blocks nest."""
     if hold_seconds() <= 0:
         yield
