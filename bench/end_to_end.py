@@ -253,6 +253,7 @@ def main() -> None:
             _, _, sent = runner.run()
             assert sent == 0, f"the seeded state is not in sync: the first run sent {sent}"
             size_after_first = os.path.getsize(db_path)
+            print(f"  measuring: {args.trials} trials, floor and runs interleaved", flush=True)
             runs = 1
             floors, still, changed = [], [], []
             still_steps, changed_steps = [], []

@@ -498,16 +498,18 @@ class _Preparation:
                              "`website_id` or CRISP_WEBSITE_ID")
         changes = apply_configuration_changes(store, config, self.run_id,
                                               self.options.dry_run)
-        rekeyed = rekey_moved_people(store)
-        try:
-            report = adopt_new_people(
-                store, config, _settings_factory(self.crisp, config),
-                self.crisp.client_options(), _connector(self.crisp_db),
-                _website_lock(self.context, self.crisp_db, store, config, self.options))
-        except StopRun as error:
-            raise dg.Failure(description=str(error)) from None
-        except locks.ActivationLocked as error:
-            raise dg.Failure(description=str(error)) from None
+        rekeyed, report = 0, AdoptionReport()
+        if store.has_arrivals():  # (re-keying and adoption both start from the arrivals)
+            rekeyed = rekey_moved_people(store)
+            try:
+                report = adopt_new_people(
+                    store, config, _settings_factory(self.crisp, config),
+                    self.crisp.client_options(), _connector(self.crisp_db),
+                    _website_lock(self.context, self.crisp_db, store, config, self.options))
+            except StopRun as error:
+                raise dg.Failure(description=str(error)) from None
+            except locks.ActivationLocked as error:
+                raise dg.Failure(description=str(error)) from None
         try:
             reconciled = reconcile_snapshot(
                 store, list(config.managed_columns), config.reconcile, self.run_id,

@@ -158,6 +158,32 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+class _Catalog:
+    """Which of the file's tables exist and their columns, as `StateStore` found them.
+
+    Looking them up in `information_schema` costs 1-2 ms a time, and a run looks about a
+    hundred times. Valid while the file stays open in this process: DuckDB lets one process
+    open a file for writing, so only this process changes its tables meanwhile, and
+    `StateStore` forgets what it knew after each of its own schema changes (`_ddl`)."""
+
+    def __init__(self) -> None:
+        self.schemas: set[str] = set()
+        self.tables: dict[tuple[str, str], list[str] | None] = {}  # None: does not exist
+
+    def forget(self) -> None:
+        self.schemas.clear()
+        self.tables.clear()
+
+
+def _catalog_of(path: str | None) -> _Catalog:
+    """The catalog of a file kept open (shared by every session while it is), else a fresh
+    one for a single session."""
+    hold = _HOLDS.get(os.path.realpath(path)) if path else None
+    if hold is not None and hold.connection is not None:
+        return hold.catalog
+    return _Catalog()
+
+
 class _Hold:
     """A connection that keeps a DuckDB file open in this process (see `file_kept_open`)."""
 
@@ -173,6 +199,8 @@ class _Hold:
         self.depth = 0
         self.opened_at = self.used_at = self.paused_until = 0.0
         self.watcher: threading.Thread | None = None
+        # what `StateStore` learnt of the file's tables while it was held (see `_Catalog`)
+        self.catalog = _Catalog()
 
     def refresh(self) -> None:
         """Before a use (under the file's lock): open, or let go after a long stretch."""
@@ -181,6 +209,7 @@ class _Hold:
             self.release(pause=True)
         elif self.connection is None and self.depth and moment >= self.paused_until:
             self.connection = open_duckdb(self.path, self.config)
+            self.catalog = _Catalog()
             self.opened_at = moment
         self.used_at = moment
 
@@ -188,6 +217,7 @@ class _Hold:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+            self.catalog = _Catalog()
         if pause:
             self.paused_until = time.monotonic() + self.PAUSE_SECONDS
 
@@ -260,6 +290,7 @@ class StateStore:
         self.schema = schema
         self.website_id = website_id
         self._catalog = ""
+        self._known = _Catalog()
 
     def kept_open(self) -> AbstractContextManager[None]:
         """The state kept open for a block without network waits, when the connection
@@ -274,9 +305,13 @@ class StateStore:
     @contextlib.contextmanager
     def _session(self, writing: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._connect() as connection:
-            self._catalog = connection.execute("select current_database()").fetchone()[0]
-            if writing:
+            self._catalog, path = connection.execute(
+                "select database_name, path from duckdb_databases() where database_name = "
+                "current_database()").fetchone()
+            self._known = _catalog_of(path)
+            if writing and self.schema not in self._known.schemas:
                 connection.execute(f"create schema if not exists {quote(self.schema)}")
+                self._known.schemas.add(self.schema)
             yield connection
 
     @contextlib.contextmanager
@@ -287,24 +322,45 @@ class StateStore:
                 yield connection
             except BaseException:
                 connection.execute("rollback")
+                self._known.forget()  # it may have seen tables the rollback undid
                 raise
             connection.execute("commit")
 
+    def _columns_or_none(self, connection: duckdb.DuckDBPyConnection,
+                         name: str) -> list[str] | None:
+        """A table's columns in order, None when it does not exist (remembered: `_Catalog`)."""
+        key = (self.schema, name)
+        if key not in self._known.tables:
+            columns = [row[0] for row in connection.execute(
+                "select column_name from duckdb_columns() where database_name = ? and "
+                "schema_name = ? and table_name = ? order by column_index",
+                [self._catalog, self.schema, name]).fetchall()]
+            self._known.tables[key] = columns or None
+        return self._known.tables[key]
+
     def _exists(self, connection: duckdb.DuckDBPyConnection, name: str) -> bool:
-        return connection.execute(
-            "select count(*) from information_schema.tables where table_schema = ? "
-            "and table_name = ?", [self.schema, name]).fetchone()[0] > 0
+        return self._columns_or_none(connection, name) is not None
 
     def _columns(self, connection: duckdb.DuckDBPyConnection, name: str) -> list[str]:
-        return [row[0] for row in connection.execute(
-            "select column_name from information_schema.columns where table_schema = ? and "
-            "table_name = ? order by ordinal_position", [self.schema, name]).fetchall()]
+        return list(self._columns_or_none(connection, name) or [])
+
+    def _ddl(self, connection: duckdb.DuckDBPyConnection, table: str | None, statement: str,
+             params: list | None = None) -> None:
+        """A statement that creates, alters or drops `table` (None: tables not named): what
+        the catalog knew of it is forgotten."""
+        try:
+            connection.execute(statement, params)
+        finally:
+            if table is None:
+                self._known.forget()
+            else:
+                self._known.tables.pop((self.schema, table), None)
 
     def _replace(self, connection: duckdb.DuckDBPyConnection, name: str,
                  frame: pl.DataFrame) -> None:
         connection.register("frame_to_store", frame.to_arrow())
-        connection.execute(f"create or replace table {self.table(name)} as "
-                           "select * from frame_to_store")
+        self._ddl(connection, name, f"create or replace table {self.table(name)} as "
+                  "select * from frame_to_store")
         connection.unregister("frame_to_store")
 
     def _append(self, connection: duckdb.DuckDBPyConnection, name: str,
@@ -319,12 +375,13 @@ class StateStore:
                     sql_type = connection.execute(
                         f"select typeof({quote(column)}) from frame_to_store limit 1").fetchone()
                     dtype = sql_type[0] if sql_type else "VARCHAR"
-                    connection.execute(f"alter table {self.table(name)} add column "
-                                       f"{quote(column)} {dtype}")
+                    self._ddl(connection, name, f"alter table {self.table(name)} add column "
+                              f"{quote(column)} {dtype}")
             connection.execute(f"insert into {self.table(name)} by name "
                                "select * from frame_to_store")
         else:
-            connection.execute(f"create table {self.table(name)} as select * from frame_to_store")
+            self._ddl(connection, name,
+                      f"create table {self.table(name)} as select * from frame_to_store")
         connection.unregister("frame_to_store")
 
     def _read(self, connection: duckdb.DuckDBPyConnection, name: str,
@@ -343,8 +400,9 @@ class StateStore:
     def _mark_stage(self, connection: duckdb.DuckDBPyConnection, stage: str,
                     run_id: str) -> None:
         table = self.table("stages")
-        connection.execute(f"create table if not exists {table} (stage varchar primary key, "
-                           "run_id varchar not null, done_at timestamptz)")
+        if not self._exists(connection, "stages"):
+            self._ddl(connection, "stages", f"create table if not exists {table} (stage varchar primary "
+                      "key, run_id varchar not null, done_at timestamptz)")
         connection.execute(f"insert into {table} values (?, ?, ?) on conflict (stage) do "
                            "update set run_id = excluded.run_id, done_at = excluded.done_at",
                            [stage, run_id, now()])
@@ -419,7 +477,9 @@ class StateStore:
                     connection.unregister("arriving")
                 written = {"written": hashed.height, "deleted": int(deleted)}
             key_table = self.table("segment_key")
-            connection.execute(f"create table if not exists {key_table} (key varchar)")
+            if not self._exists(connection, "segment_key"):
+                self._ddl(connection, "segment_key",
+                          f"create table if not exists {key_table} (key varchar)")
             connection.execute(f"delete from {key_table}")
             if key is not None:
                 connection.execute(f"insert into {key_table} values (?)", [key])
@@ -460,19 +520,25 @@ class StateStore:
         if self._exists(connection, "snapshot") and \
                 "website_id" not in self._columns(connection, "snapshot"):
             self._migrate_snapshot(connection)
-        connection.execute(
+        if self._exists(connection, "snapshot") and not (
+                {"verified_at", "row_hash", *fields} - set(self._columns(connection, "snapshot"))):
+            return  # most uses: nothing to add
+        self._ddl(
+            connection, "snapshot",
             f"create table if not exists {snapshot} (website_id varchar not null, "
             "identifier varchar not null, people_id varchar not null, email varchar, "
             "confirmed_at timestamptz, origin varchar, verified_at timestamptz, "
             "primary key (website_id, identifier), unique (website_id, people_id))")
         have = set(self._columns(connection, "snapshot"))
         if "verified_at" not in have:  # a snapshot from before reconcile
-            connection.execute(f"alter table {snapshot} add column verified_at timestamptz")
+            self._ddl(connection, "snapshot",
+                      f"alter table {snapshot} add column verified_at timestamptz")
         if "row_hash" not in have:  # see `refresh_row_hashes`
-            connection.execute(f"alter table {snapshot} add column row_hash ubigint")
+            self._ddl(connection, "snapshot", f"alter table {snapshot} add column row_hash ubigint")
         for field in fields:
             if field not in have:
-                connection.execute(f"alter table {snapshot} add column {quote(field)} varchar")
+                self._ddl(connection, "snapshot",
+                          f"alter table {snapshot} add column {quote(field)} varchar")
 
     def _migrate_snapshot(self, connection: duckdb.DuckDBPyConnection) -> None:
         """A snapshot written before it was kept per website: it belonged to the website the
@@ -480,8 +546,8 @@ class StateStore:
         kept once. People whose create the old `outcomes` record count as created; the others
         as adopted (never deleted unless the mirror allows deleting adopted people)."""
         old = self.table("snapshot_before_websites")
-        connection.execute(f"alter table {self.table('snapshot')} rename to "
-                           "snapshot_before_websites")
+        self._ddl(connection, None, f"alter table {self.table('snapshot')} rename to "
+                  "snapshot_before_websites")
         fields = [c for c in self._columns(connection, "snapshot_before_websites")
                   if c not in ("identifier", "people_id", "email", "confirmed_at")]
         self._ensure_snapshot(connection, fields)
@@ -497,7 +563,7 @@ class StateStore:
             f"from {old} where people_id is not null "
             "qualify row_number() over (partition by people_id order by identifier) = 1",
             [self._website()])
-        connection.execute(f"drop table {old}")
+        self._ddl(connection, "snapshot_before_websites", f"drop table {old}")
 
     def _snapshot_rows(self, connection: duckdb.DuckDBPyConnection, fields: list[str],
                        where: str = "true", params: list | None = None,
@@ -719,8 +785,10 @@ class StateStore:
         nothing); a row with a null fingerprint marks that the website has one."""
         with self._transaction() as connection:
             table = self.table("unidentified_baseline")
-            connection.execute(f"create table if not exists {table} (website_id varchar, "
-                               "fingerprint varchar)")
+            if not self._exists(connection, "unidentified_baseline"):
+                self._ddl(connection, "unidentified_baseline",
+                          f"create table if not exists {table} (website_id varchar, "
+                          "fingerprint varchar)")
             connection.execute(f"delete from {table} where website_id = ?", [self._website()])
             connection.execute(f"insert into {table} values (?, null)", [self._website()])
             if self._exists(connection, "unidentified"):
@@ -879,7 +947,9 @@ class StateStore:
         stored hash is forgotten and computed again."""
         table = self.table("row_hash_version")
         version = json.dumps([pl.__version__, ROW_HASH_SEED, fields])
-        connection.execute(f"create table if not exists {table} (version varchar)")
+        if not self._exists(connection, "row_hash_version"):
+            self._ddl(connection, "row_hash_version",
+                      f"create table if not exists {table} (version varchar)")
         row = connection.execute(f"select version from {table}").fetchone()
         if row is None or row[0] != version:
             connection.execute(f"update {self.table('snapshot')} set row_hash = null")
@@ -938,6 +1008,19 @@ class StateStore:
     # ---------------------------------------------------------------- segment against snapshot
     # (in SQL, inside the state file: a step that needs only the few rows that differ never
     # loads the whole segment or the whole snapshot into Python)
+
+    def has_arrivals(self) -> bool:
+        """Whether an accepted segment row names someone not managed on this website (the
+        one question most runs ask of the source's identifiers: only the identifiers are
+        read)."""
+        with self._session() as connection:
+            self._ensure_snapshot(connection, [])
+            if not self._exists(connection, "segment"):
+                return False
+            return bool(connection.execute(
+                f"select exists (select 1 from {self.table('segment')} s anti join (select "
+                f"identifier from {self.table('snapshot')} where website_id = ?) k on "
+                "k.identifier = s.identifier)", [self._website()]).fetchone()[0])
 
     def arrivals(self, fields: list[str], *, unclaimed_emails: bool = False) -> pl.DataFrame:
         """Accepted segment rows whose identifier is not managed on this website (identifier,
