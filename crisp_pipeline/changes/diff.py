@@ -24,6 +24,7 @@ UNCONFIRMED (added to the configuration since the last run) is written whatever 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -96,13 +97,16 @@ def compute_change_set(segment: pl.DataFrame, rejected: pl.DataFrame,
 def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.DataFrame,
                  config: ActivationConfig,
                  departures: DepartureContext | None = None,
-                 managed_emails: pl.Series | None = None) -> PlannedChanges:
+                 managed_emails: pl.Series | Callable[[pl.Series], pl.Series] | None = None
+                 ) -> PlannedChanges:
     """The change set; for a mirror, `departures` decides the fate of people who left (without
     it, every departure is a deletion: for benchmarks and tests of the diff alone).
 
     `segment` and `snapshot` may be only the rows whose values differ (the state store finds
     them by stored row hashes); then `managed_emails` must be every managed person's email,
-    since a new row's email may be held by a managed person whose row did not change."""
+    or a lookup that returns those of the (lower-case) emails it is given that a managed
+    person holds, since a new row's email may be held by a managed person whose row did not
+    change."""
     fields = list(config.managed_columns)
     fingerprinted = [*fields, EMAIL]
     # 1. who differs at all: a join of identifiers and fingerprints only; the row hashes the
@@ -138,9 +142,13 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
     # only the managed emails a new row carries: a literal of every managed email would
     # make the lazy plan below carry (and copy) a million-element list
     new_emails = new.get_column("new_email").drop_nulls().str.to_lowercase()
-    managed_emails = (snapshot.get_column(EMAIL) if managed_emails is None else managed_emails
-                      ).drop_nulls().str.to_lowercase()
-    managed_emails = managed_emails.filter(managed_emails.is_in(new_emails.implode())).implode()
+    if callable(managed_emails):
+        taken = managed_emails(new_emails.unique())
+    else:
+        taken = (snapshot.get_column(EMAIL) if managed_emails is None else managed_emails
+                 ).drop_nulls().str.to_lowercase()
+        taken = taken.filter(taken.is_in(new_emails.implode()))
+    managed_emails = taken.implode()
     joined = (keys.lazy().join(new.lazy(), on="i_new", how="left")
               .join(old.lazy(), on="i_old", how="left")
               .with_columns(pl.col("i_new").is_not_null().alias("in_segment"),

@@ -95,12 +95,9 @@ class Person:
 
     def as_recorded(self) -> Person:
         """A copy to record while units still in flight change this person (what it holds
-        besides `confirmed` is never changed in place); `dataclasses.replace` costs a few
-        microseconds a person, which a 10,000-person batch feels."""
-        twin = object.__new__(Person)
-        twin.__dict__.update(self.__dict__)
-        twin.confirmed = dict(self.confirmed)
-        return twin
+        besides `confirmed` is never changed in place). Cheaper than `dataclasses.replace`,
+        which a 10,000-person batch feels."""
+        return Person(**{**self.__dict__, "confirmed": dict(self.confirmed)})
 
 
 @dataclass

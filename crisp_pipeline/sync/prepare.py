@@ -232,7 +232,7 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
             held_elsewhere=frozenset(store.holders_elsewhere(departed_ids)),
             override_guards=override_guards, now=now())
     planned = plan_changes(accepted, rejected, snapshot, config, context,
-                           managed_emails=store.managed_emails())
+                           managed_emails=store.managed_emails_among)
     store.write_change_set(planned.change_set, run_id)
     # who is absent now (nobody, outside mirror); kept once this run's sync applies it
     store.plan_absences(planned.absences if planned.absences is not None
