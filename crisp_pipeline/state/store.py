@@ -603,14 +603,24 @@ class StateStore:
         connection.register("confirmed_rows", confirmed.to_arrow())
         website = [self._website()]
         matched = "from confirmed_rows r where s.website_id = ? and s.identifier = r.identifier"
-        if "people_id" in columns:
-            connection.execute(
-                f"update {snapshot} s set people_id = r.people_id {matched} and r.people_id "
-                "is not null and r.people_id is distinct from s.people_id", website)
         settable = [c for c in columns if c not in ("identifier", "origin", "people_id")
                     and confirmed.get_column(c).null_count() < confirmed.height]
         updates = ", ".join([f"{quote(c)} = coalesce(r.{quote(c)}, s.{quote(c)})"
                              for c in settable] + ["row_hash = null"])  # hashed again
+        # Most confirmations are of people already held under the same people_id: the
+        # in-place update alone, if it finds every one of them, is all there is to do (each
+        # statement joins the whole snapshot, and the sync confirms batch after batch).
+        same_person = (" and (r.people_id is null or r.people_id = s.people_id)"
+                       if "people_id" in columns else "")
+        found = connection.execute(f"update {snapshot} s set {updates} {matched}{same_person}",
+                                   website).fetchone()[0]
+        if found == confirmed.height:
+            connection.unregister("confirmed_rows")
+            return
+        if "people_id" in columns:
+            connection.execute(
+                f"update {snapshot} s set people_id = r.people_id {matched} and r.people_id "
+                "is not null and r.people_id is distinct from s.people_id", website)
         connection.execute(f"update {snapshot} s set {updates} {matched}", website)
         listed = ", ".join(quote(c) for c in columns)
         connection.execute(
