@@ -33,6 +33,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_URI_ENV = "CRISP_WAREHOUSE_URI"
+
+
 class SegmentQuery(_Model):
     """Where the segment's rows come from: a SQL query or a table (one of the two)."""
 
@@ -41,11 +44,50 @@ class SegmentQuery(_Model):
     watermark_sql: str | None = Field(
         default=None, description="A cheap query whose single value changes when the source "
         "does (e.g. `select max(updated_at) from customers`); drives the source sensor.")
+    warehouse: Literal["duckdb", "postgres", "adbc"] = Field(
+        default="duckdb", description="Where the query runs: `duckdb` (the pipeline's own "
+        "file, CRISP_PIPELINE_DB), `postgres`, or `adbc` (any database with an ADBC driver: "
+        "name it in `adbc_driver`).")
+    uri_env: str | None = Field(
+        default=None, description="The environment variable holding the warehouse's "
+        "connection URI, credentials included (never the URI itself: YAML is not a place "
+        f"for secrets). Default: {DEFAULT_URI_ENV}.")
+    adbc_driver: str | None = Field(
+        default=None, description="With `warehouse: adbc`, the driver's Python module, e.g. "
+        "`adbc_driver_snowflake` or `adbc_driver_bigquery`.")
+    timeout_seconds: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Cancel a segment or watermark query running longer "
+        "(postgres and adbc).")
+    upstream: list[str] | None = Field(
+        default=None, description="The asset key (as a list of parts) of what the segment "
+        "reads, e.g. your dbt model `[analytics, paying_customers]`: the graph then runs "
+        "from your own lineage into the segment. Without it, the table (or the query) is "
+        "declared as an external asset upstream of the segment.")
 
     @model_validator(mode="after")
     def _one_source(self) -> SegmentQuery:
         if bool(self.sql) == bool(self.table):
             raise ValueError("segment: give exactly one of `sql` or `table`")
+        if self.warehouse == "duckdb" and (self.uri_env or self.adbc_driver):
+            raise ValueError("segment: a DuckDB segment is read from the pipeline's own file "
+                             "(CRISP_PIPELINE_DB): `uri_env` and `adbc_driver` are for "
+                             "`warehouse: postgres` or `adbc`")
+        if self.uri_env and "://" in self.uri_env:
+            raise ValueError("segment.uri_env names the environment variable that holds the "
+                             "connection URI, not the URI: keep credentials out of YAML")
+        if self.uri_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.uri_env):
+            raise ValueError(f"segment.uri_env: {self.uri_env!r} is not an environment "
+                             "variable name")
+        if self.warehouse == "adbc" and not self.adbc_driver:
+            raise ValueError("segment: `warehouse: adbc` needs `adbc_driver`, the driver's "
+                             "Python module (e.g. adbc_driver_snowflake)")
+        if self.adbc_driver and not re.fullmatch(r"[A-Za-z_][\w.]*", self.adbc_driver):
+            raise ValueError(f"segment.adbc_driver: {self.adbc_driver!r} is not a module name")
+        if self.warehouse != "duckdb" and not self.uri_env:
+            object.__setattr__(self, "uri_env", DEFAULT_URI_ENV)
+        if self.upstream is not None and not self.upstream:
+            raise ValueError("segment.upstream: give the asset key's parts, e.g. "
+                             "[analytics, customers]")
         if self.table and not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*){0,2}", self.table):
             raise ValueError(f"segment.table: {self.table!r} is not a table name "
                              "(use `schema.table`, or `sql:` for anything else)")

@@ -46,7 +46,7 @@ from crisp_pipeline.sync.reconcile import (
     reconcile_snapshot,
 )
 from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
-from crisp_pipeline.warehouse import DuckDBSource, SegmentSourceError
+from crisp_pipeline.warehouse import SegmentSource, SegmentSourceError, segment_source
 
 DEFAULT_DB = "data/crisp_pipeline.duckdb"
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -267,10 +267,13 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     common = dict(group_name=name, pool=f"crisp_{name}", owners=[],
                   tags={"crisp/mode": config.mode.value})
 
-    def source(crisp_db: DuckDBResource) -> DuckDBSource:
-        return DuckDBSource(_connector(crisp_db), config.segment, name)
+    def source(crisp_db: DuckDBResource) -> SegmentSource:
+        return segment_source(config.segment, name, _connector(crisp_db))
 
-    @dg.asset(key=key("segment"), kinds={"duckdb", "polars"}, **common,
+    upstream, external = source_asset(config)
+
+    @dg.asset(key=key("segment"), kinds={config.segment.warehouse, "polars"}, deps=[upstream],
+              **common,
               description=f"The people of segment {name!r}, normalised; bad rows split off "
               "with a reason (table `rejected`).")
     def segment(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
@@ -421,11 +424,29 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
         description=f"Sync segment {name!r} to Crisp ({config.mode.value}).")
     schedules = [_schedule(config, job)] if config.schedule else []
     sensors = [_source_sensor(config, job)] if config.segment.watermark_sql else []
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=[job],
+    return dg.Definitions(assets=[*external, *assets], asset_checks=checks, jobs=[job],
                           schedules=schedules, sensors=sensors)
 
 
-def _stage(store: StateStore, config: ActivationConfig, source: DuckDBSource, run_id: str):
+def source_asset(config: ActivationConfig) -> tuple[dg.AssetKey, list[dg.AssetSpec]]:
+    """What the segment reads, upstream of it in the graph: the user's own asset when the
+    activation names it (`segment.upstream`, e.g. a dbt model), else an external asset for
+    the table (`<warehouse>/<schema>/<table>`; two activations reading one table share it) or
+    for the query (`<warehouse>/<activation>_query`)."""
+    segment = config.segment
+    if segment.upstream:
+        return dg.AssetKey(segment.upstream), []
+    if segment.table:
+        key = dg.AssetKey([segment.warehouse, *segment.table.split(".")])
+        description = f"Table {segment.table} in {segment.warehouse}, read by segments."
+    else:
+        key = dg.AssetKey([segment.warehouse, f"{config.name}_query"])
+        description = (f"The rows the segment query of {config.name!r} reads in "
+                       f"{segment.warehouse}:\n\n```sql\n{segment.sql}\n```")
+    return key, [dg.AssetSpec(key, kinds={segment.warehouse}, description=description)]
+
+
+def _stage(store: StateStore, config: ActivationConfig, source: SegmentSource, run_id: str):
     try:
         return stage_segment(store, config, source, run_id)
     except (SegmentSourceError, SegmentSchemaError) as error:
@@ -461,7 +482,7 @@ class _Preparation:
 
     def __init__(self, context: Any, store: StateStore, config: ActivationConfig,
                  crisp: CrispResource, crisp_db: DuckDBResource, options: CrispRunOptions,
-                 source: DuckDBSource) -> None:
+                 source: SegmentSource) -> None:
         self.context, self.store, self.config = context, store, config
         self.crisp, self.crisp_db, self.options, self.source = crisp, crisp_db, options, source
         self.run_id = context.run.run_id
@@ -574,7 +595,8 @@ def _source_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
                "(to any value, including one seen before).")
     def source_sensor(context: dg.SensorEvaluationContext, crisp_db: DuckDBResource):
         try:
-            watermark = DuckDBSource(_connector(crisp_db), config.segment, config.name).watermark()
+            watermark = segment_source(config.segment, config.name,
+                                       _connector(crisp_db)).watermark()
         except SegmentSourceError as error:
             return dg.SkipReason(str(error))
         if watermark is None:
@@ -614,7 +636,7 @@ class CrispActivation(dg.Component, dg.Model, dg.Resolvable):
     """One segment synced to one Crisp website in one mode (see the README for the fields)."""
 
     name: str
-    segment: dict[str, str]
+    segment: dict[str, str | float | list[str]]
     identifier: str | dict[str, str] = "email"
     mode: str = "upsert"
     fields: dict[str, str] = {}

@@ -71,3 +71,20 @@ def http(emulator: RunningEmulator) -> Iterator[httpx.Client]:
                       auth=(PLUGIN.identifier, PLUGIN.key),
                       headers={"X-Crisp-Tier": "plugin"}) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real Postgres server for the session (see `postgres_server`); a machine without
+    one fails these tests, never skips them."""
+    from .postgres_server import throwaway_server
+
+    with throwaway_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """The URL of a fresh database on the session's Postgres server."""
+    with postgres_server.database() as url:
+        yield url

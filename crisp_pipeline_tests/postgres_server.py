@@ -1,0 +1,115 @@
+"""A throwaway Postgres server for the tests: a real cluster (`initdb`, `pg_ctl`) in a
+temporary folder, on a free loopback port, removed afterwards. No Docker.
+
+The binaries come from the machine's PostgreSQL (`.ci/run` installs Debian's `postgresql`
+when `pg_ctl` is missing). `initdb` refuses to run as root, so under root the cluster runs as
+the unprivileged `postgres` user that the package creates. A machine without PostgreSQL fails
+the tests that need it, with the fix in the message: they are never skipped.
+
+`CRISP_PIPELINE_TEST_POSTGRES_URL` points the tests at a server of your own instead (each test
+works in a database it creates and drops).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVER_URL_ENV = "CRISP_PIPELINE_TEST_POSTGRES_URL"
+USER = "crisp"
+
+
+class PostgresMissing(RuntimeError):
+    pass
+
+
+def bin_dir() -> Path:
+    """Where `initdb` and `pg_ctl` are: on the PATH, or Debian's versioned folder."""
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        return Path(os.path.realpath(on_path)).parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                   key=lambda p: int(Path(p).parts[-3]))
+    if found:
+        return Path(found[-1]).parent
+    raise PostgresMissing(
+        "the Postgres tests need a PostgreSQL server's binaries (initdb, pg_ctl) and found "
+        "none: install them (Debian/Ubuntu: `apt-get install postgresql`; `.ci/run` does) or "
+        f"set {SERVER_URL_ENV} to a server of your own")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    url: str  # a superuser's URL to the `postgres` database
+
+    def database_url(self, name: str) -> str:
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+    @contextmanager
+    def database(self) -> Iterator[str]:
+        """A fresh database for one test; its URL."""
+        import adbc_driver_postgresql.dbapi as pg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with pg.connect(self.url, autocommit=True) as connection, connection.cursor() as cur:
+            cur.execute(f"create database {name}")
+        try:
+            yield self.database_url(name)
+        finally:
+            with pg.connect(self.url, autocommit=True) as connection, \
+                    connection.cursor() as cur:
+                cur.execute(f"drop database if exists {name} with (force)")
+
+
+@contextmanager
+def throwaway_server() -> Iterator[PostgresServer]:
+    """A running server for the block (or the one `CRISP_PIPELINE_TEST_POSTGRES_URL` names)."""
+    if os.environ.get(SERVER_URL_ENV):
+        yield PostgresServer(os.environ[SERVER_URL_ENV])
+        return
+    binaries = bin_dir()
+    folder = Path(tempfile.mkdtemp(prefix="crisp-pg-"))
+    data = folder / "data"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: the package's unprivileged user runs it
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            raise PostgresMissing("running as root, the Postgres tests need the unprivileged "
+                                  "`postgres` user that Debian's package creates") from None
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*run_as, *command], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr or done.stdout}")
+    try:
+        run(str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust",
+            "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w",
+            "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c max_connections=100", "start")
+        try:
+            yield PostgresServer(f"postgresql://{USER}@127.0.0.1:{port}/postgres")
+        finally:
+            run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
