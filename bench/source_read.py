@@ -36,7 +36,8 @@ def main() -> None:
 
     from crisp_pipeline.activation import SegmentQuery
     from crisp_pipeline.state.store import connect_file
-    from crisp_pipeline.warehouse import AdbcSource, DuckDBSource
+    from crisp_pipeline.adbc import AdbcSource
+    from crisp_pipeline.warehouse import DuckDBSource
     from crisp_pipeline_tests.postgres_server import throwaway_server
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

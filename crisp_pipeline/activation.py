@@ -55,7 +55,7 @@ class SegmentQuery(_Model):
     adbc_driver: str | None = Field(
         default=None, description="With `warehouse: adbc`, the driver's Python module, e.g. "
         "`adbc_driver_snowflake` or `adbc_driver_bigquery`.")
-    timeout_seconds: Annotated[float, Field(gt=0)] | None = Field(
+    timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = Field(
         default=None, description="Cancel a segment or watermark query running longer "
         "(postgres and adbc).")
     upstream: list[str] | None = Field(

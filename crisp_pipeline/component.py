@@ -268,7 +268,8 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                   tags={"crisp/mode": config.mode.value})
 
     def source(crisp_db: DuckDBResource) -> SegmentSource:
-        return segment_source(config.segment, name, _connector(crisp_db))
+        return segment_source(config.segment, name, _connector(crisp_db),
+                              needed=config.source_columns)
 
     upstream, external = source_asset(config)
 
@@ -435,6 +436,9 @@ def source_asset(config: ActivationConfig) -> tuple[dg.AssetKey, list[dg.AssetSp
     for the query (`<warehouse>/<activation>_query`)."""
     segment = config.segment
     if segment.upstream:
+        if segment.upstream[0] == config.name and segment.upstream[1:] in ([s] for s in STEPS):
+            raise ValueError(f"activation {config.name!r}: segment.upstream names one of its "
+                             "own assets; name the asset the segment reads")
         return dg.AssetKey(segment.upstream), []
     if segment.table:
         key = dg.AssetKey([segment.warehouse, *segment.table.split(".")])

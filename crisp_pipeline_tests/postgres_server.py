@@ -1,5 +1,6 @@
 """A throwaway Postgres server for the tests: a real cluster (`initdb`, `pg_ctl`) in a
-temporary folder, on a free loopback port, removed afterwards. No Docker.
+temporary folder, on a free loopback port, with a random password (no other local user gets
+in), removed afterwards. No Docker.
 
 The binaries come from the machine's PostgreSQL (`.ci/run` installs Debian's `postgresql`
 when `pg_ctl` is missing). `initdb` refuses to run as root, so under root the cluster runs as
@@ -15,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -95,7 +97,11 @@ def throwaway_server() -> Iterator[PostgresServer]:
                                   "`postgres` user that Debian's package creates") from None
         os.chown(folder, owner.pw_uid, owner.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    # password authentication, on loopback only: no other local user gets in while it runs
+    password = secrets.token_urlsafe(18)
+    (folder / "password").write_text(password)
+    if run_as:
+        os.chown(folder / "password", owner.pw_uid, owner.pw_gid)
 
     def run(*command: str) -> None:
         done = subprocess.run([*run_as, *command], check=False, capture_output=True, text=True,
@@ -103,13 +109,23 @@ def throwaway_server() -> Iterator[PostgresServer]:
         if done.returncode:
             raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr or done.stdout}")
     try:
-        run(str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust",
-            "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w",
-            "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c full_page_writes=off -c max_connections=100", "start")
+        run(str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=scram-sha-256",
+            f"--pwfile={folder / 'password'}", "--encoding=UTF8", "--locale=C.UTF-8",
+            "--no-sync")
+        for attempt in range(5):  # a free port may be taken before the server binds it
+            port = _free_port()
+            try:
+                run(str(binaries / "pg_ctl"), "-D", str(data), "-l",
+                    str(folder / "server.log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+                    "-c full_page_writes=off -c max_connections=100 "
+                    "-c unix_socket_permissions=0700", "start")
+                break
+            except RuntimeError:
+                if attempt == 4:
+                    raise
         try:
-            yield PostgresServer(f"postgresql://{USER}@127.0.0.1:{port}/postgres")
+            yield PostgresServer(f"postgresql://{USER}:{password}@127.0.0.1:{port}/postgres")
         finally:
             run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
     finally:

@@ -5,7 +5,9 @@ before any request and names the source, and the connection URI never shows."""
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import adbc_driver_postgresql.dbapi as pg
 import dagster as dg
@@ -13,12 +15,12 @@ import polars as pl
 import pytest
 
 from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.adbc import AdbcSource
 from crisp_pipeline.component import build_activation_defs, default_resources
-from crisp_pipeline.warehouse import AdbcSource, SegmentSourceError
+from crisp_pipeline.warehouse import SegmentSourceError
 
 from .harness import Pipeline, crisp_env
 
-PASSWORD = "pg-pass-7d1e-SECRET"  # the test server trusts loopback: any password passes
 ROWS = [
     {"email": "Ada@Example.com ", "name": "Ada", "plan": "pro", "mrr": Decimal("12.50"),
      "seats": 3, "active": True, "signup": dt.date(2024, 5, 1)},
@@ -31,8 +33,8 @@ CREATE = ("create table customers (email text, name text, plan text, mrr numeric
           "seats bigint, active boolean, signup date)")
 
 
-def with_password(url: str) -> str:
-    return url.replace("crisp@", f"crisp:{PASSWORD}@")
+def password_of(url: str) -> str:
+    return urlsplit(url).password or ""
 
 
 def execute(url: str, *statements: str) -> None:
@@ -61,7 +63,7 @@ def config(name: str = "pg", **segment: object) -> ActivationConfig:
 
 @pytest.fixture
 def warehouse(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("TEST_WAREHOUSE_URL", with_password(postgres_url))
+    monkeypatch.setenv("TEST_WAREHOUSE_URL", postgres_url)
     load(postgres_url, ROWS)
     return postgres_url
 
@@ -125,7 +127,7 @@ def test_a_bad_query_stops_the_run_before_any_request_and_names_the_source(
     result = pipeline.run(expect_success=False)
     text = failure_and_metadata(pipeline, result)
     assert pipeline.writes_of_last_run() == 0 and not pipeline.crisp()
-    assert PASSWORD not in text and warehouse.split("@")[1] not in text
+    assert password_of(warehouse) not in text and warehouse not in text
     if expected:
         assert "postgres" in pipeline.failure_text(result)
         assert expected in pipeline.failure_text(result)
@@ -193,3 +195,65 @@ def test_the_source_is_upstream_of_the_segment_in_the_asset_graph():
 def test_a_source_configuration_that_cannot_work_is_refused(segment, message):
     with pytest.raises(ValueError, match=message):
         config(**segment)
+
+
+def test_numbers_no_decimal_holds_are_rejected_by_row_never_cleared_in_crisp(
+        postgres_url, emulator, tmp_path, monkeypatch):
+    crisp_env(monkeypatch, emulator)
+    monkeypatch.setenv("TEST_WAREHOUSE_URL", postgres_url)
+    execute(postgres_url,
+            "create table money_rows (email text, mrr numeric, big numeric(50,10), "
+            "price numeric(10,2), spare money, unused interval)",
+            "insert into money_rows values ('a@x.io', 5, 1.5, 12.50, 1, '1 day'), "
+            "('b@x.io', 7, 1234567890123456789012345678901.5, 3.10, 2, '2 days'), "
+            "('c@x.io', 1, 0, 0, 0, '0 days')")
+    activation = ActivationConfig(
+        name="nums", segment={"table": "money_rows", "warehouse": "postgres",
+                              "uri_env": "TEST_WAREHOUSE_URL"},
+        attributes=["mrr", "big", "price"])
+    pipeline = Pipeline(emulator, str(tmp_path / "n.duckdb"), activation)
+    pipeline.run()  # `spare` (money) and `unused` (interval) are not read: no harm
+    held = pipeline.crisp()
+    assert held["a@x.io"]["data"] == {"mrr": 5, "big": 1.5, "price": 12.5}
+    assert held["b@x.io"]["data"]["big"] == pytest.approx(1.2345678901234568e30)
+    execute(postgres_url, "update money_rows set mrr = 'NaN' where email = 'a@x.io'",
+            "update money_rows set price = 'NaN', mrr = '-Infinity' where email = 'b@x.io'")
+    pipeline.run()
+    held = pipeline.crisp()
+    # the rows are refused, by row and field; what Crisp holds stays
+    assert held["a@x.io"]["data"]["mrr"] == 5 and held["b@x.io"]["data"]["mrr"] == 7
+    rejected = pipeline.store.read("rejected")
+    assert set(zip(rejected.get_column("identifier"), rejected.get_column("field"),
+                   strict=True)) >= {("a@x.io", "data.mrr"), ("b@x.io", "data.mrr")}
+    # empty and all-null unconstrained numbers read fine
+    execute(postgres_url, "update money_rows set mrr = null")
+    pipeline.run()
+
+
+@pytest.mark.parametrize(("sql", "named"), [
+    ("select email, spare as mrr from money_rows", "money"),
+    ("select email, unused as mrr from money_rows", "interval"),
+    ("select email, email as mrr, 1 as mrr from money_rows", "more than once"),
+])
+def test_a_column_the_segment_cannot_take_is_named(postgres_url, monkeypatch, sql, named):
+    monkeypatch.setenv("TEST_WAREHOUSE_URL", postgres_url)
+    execute(postgres_url, "create table money_rows (email text, spare money, unused interval)",
+            "insert into money_rows values ('a@x.io', 1, '1 day')")
+    source = AdbcSource("adbc_driver_postgresql", config(table=None, sql=sql).segment, "pg",
+                        needed=["email", "mrr"])
+    with pytest.raises(SegmentSourceError, match=named) as raised:
+        source.read()
+    assert "'mrr'" in str(raised.value) and postgres_url not in str(raised.value)
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_timeout(monkeypatch):
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        monkeypatch.setenv("TEST_WAREHOUSE_URL", f"postgresql://u:pw-1234@127.0.0.1:{port}/d")
+        source = AdbcSource("adbc_driver_postgresql", config(timeout_seconds=1).segment, "pg")
+        started = dt.datetime.now()
+        with pytest.raises(SegmentSourceError, match="timed out after 1 s"):
+            source.read()
+        assert (dt.datetime.now() - started).total_seconds() < 4
