@@ -257,3 +257,26 @@ def test_a_server_that_never_answers_is_given_up_after_the_timeout(monkeypatch):
         with pytest.raises(SegmentSourceError, match="timed out after 1 s"):
             source.read()
         assert (dt.datetime.now() - started).total_seconds() < 4
+
+
+def test_the_same_adbc_path_reads_another_driver(emulator, tmp_path, monkeypatch):
+    """DuckDB's own ADBC driver (shipped with duckdb): a warehouse file apart from the
+    pipeline's state, read by the code path Postgres uses."""
+    import duckdb
+
+    crisp_env(monkeypatch, emulator)
+    warehouse_file = str(tmp_path / "warehouse.duckdb")
+    with duckdb.connect(warehouse_file) as connection:
+        connection.execute("create table customers as select 'w@x.io' as email, 'Wu' as name, "
+                           "'pro' as plan, 12.50::decimal(10,2) as mrr")
+    monkeypatch.setenv("TEST_WAREHOUSE_URL", warehouse_file)
+    activation = ActivationConfig(
+        name="other", segment={"table": "customers", "warehouse": "adbc",
+                               "adbc_driver": "adbc_driver_duckdb",
+                               "uri_env": "TEST_WAREHOUSE_URL"},
+        fields={"person.nickname": "name"}, attributes=["plan", "mrr"])
+    pipeline = Pipeline(emulator, str(tmp_path / "state.duckdb"), activation)
+    pipeline.run()
+    assert pipeline.crisp()["w@x.io"]["data"] == {"plan": "pro", "mrr": 12.5}
+    pipeline.run()
+    assert pipeline.writes_of_last_run() == 0
