@@ -429,6 +429,9 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                           schedules=schedules, sensors=sensors)
 
 
+DEFAULT_SCHEMAS = {"postgres": "public", "duckdb": "main"}
+
+
 def source_asset(config: ActivationConfig) -> tuple[dg.AssetKey, list[dg.AssetSpec]]:
     """What the segment reads, upstream of it in the graph: the user's own asset when the
     activation names it (`segment.upstream`, e.g. a dbt model), else an external asset for
@@ -441,7 +444,10 @@ def source_asset(config: ActivationConfig) -> tuple[dg.AssetKey, list[dg.AssetSp
                              "own assets; name the asset the segment reads")
         return dg.AssetKey(segment.upstream), []
     if segment.table:
-        key = dg.AssetKey([segment.warehouse, *segment.table.split(".")])
+        parts = segment.table.split(".")
+        if len(parts) == 2 and parts[0] == DEFAULT_SCHEMAS.get(segment.warehouse):
+            parts = parts[1:]  # `public.customers` and `customers` are one table
+        key = dg.AssetKey([segment.warehouse, *parts])
         description = f"Table {segment.table} in {segment.warehouse}, read by segments."
     else:
         key = dg.AssetKey([segment.warehouse, f"{config.name}_query"])

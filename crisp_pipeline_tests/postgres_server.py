@@ -79,6 +79,36 @@ class PostgresServer:
                 cur.execute(f"drop database if exists {name} with (force)")
 
 
+PREFIX = "crisp-pg-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_orphans(binaries: Path) -> None:
+    """Servers whose test process died without stopping them (a SIGKILL: `pg_ctl` detaches
+    the server) are stopped and their folders removed."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((folder / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        if (folder / "data" / "postmaster.pid").exists():
+            subprocess.run([str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m",
+                            "immediate", "-w", "stop"], check=False, capture_output=True,
+                           timeout=60, **({"user": "postgres"} if os.geteuid() == 0 else {}))
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextmanager
 def throwaway_server() -> Iterator[PostgresServer]:
     """A running server for the block (or the one `CRISP_PIPELINE_TEST_POSTGRES_URL` names)."""
@@ -86,7 +116,9 @@ def throwaway_server() -> Iterator[PostgresServer]:
         yield PostgresServer(os.environ[SERVER_URL_ENV])
         return
     binaries = bin_dir()
-    folder = Path(tempfile.mkdtemp(prefix="crisp-pg-"))
+    _stop_orphans(binaries)
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (folder / "owner.pid").write_text(str(os.getpid()))
     data = folder / "data"
     run_as: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: the package's unprivileged user runs it

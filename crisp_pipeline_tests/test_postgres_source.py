@@ -173,6 +173,9 @@ def lineage(activation: ActivationConfig) -> dg.AssetKey:
 
 def test_the_source_is_upstream_of_the_segment_in_the_asset_graph():
     assert lineage(config()) == dg.AssetKey(["postgres", "customers"])
+    assert lineage(config(table="public.customers")) == dg.AssetKey(["postgres", "customers"])
+    assert lineage(config(table="crm.customers")) == dg.AssetKey(["postgres", "crm",
+                                                                  "customers"])
     assert lineage(config(upstream=["analytics", "dbt_customers"])) == \
         dg.AssetKey(["analytics", "dbt_customers"])
     duck = ActivationConfig(name="d", segment={"sql": "select 1"}, attributes=[])
