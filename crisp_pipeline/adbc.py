@@ -127,8 +127,8 @@ class AdbcSource:
         return SegmentSourceError(f"activation {self.activation!r}: the {what} in "
                                   f"{self.label} {message}")
 
-    def _fetch(self, uri: str, sql: str, running: dict[str, Any]) -> pa.Table:
-        dbapi = importlib.import_module(f"{self.driver}.dbapi")
+    @staticmethod
+    def _fetch(dbapi: Any, uri: str, sql: str, running: dict[str, Any]) -> pa.Table:
         with dbapi.connect(uri) as connection, connection.cursor() as cursor:
             running["cursor"] = cursor
             cursor.execute(sql)
@@ -137,7 +137,7 @@ class AdbcSource:
     def _run(self, sql: str, what: str, needed: set[str] | None) -> pl.DataFrame:
         uri = self._uri()
         try:
-            importlib.import_module(f"{self.driver}.dbapi")
+            dbapi = importlib.import_module(f"{self.driver}.dbapi")
         except ImportError:
             raise SegmentSourceError(
                 f"activation {self.activation!r}: the ADBC driver {self.driver!r} is not "
@@ -147,9 +147,9 @@ class AdbcSource:
         timeout = self.query.timeout_seconds
         try:
             if timeout is None:
-                table = self._fetch(uri, sql, running)
+                table = self._fetch(dbapi, uri, sql, running)
             else:
-                table = self._within(timeout, uri, sql, running, what)
+                table = self._within(timeout, dbapi, uri, sql, running, what)
         except SegmentSourceError:
             raise
         except Exception as error:  # noqa: BLE001 - each driver raises its own errors
@@ -160,15 +160,15 @@ class AdbcSource:
         except UnreadableColumn as error:
             raise self._fail(what, f"returned what the segment cannot take: {error}") from None
 
-    def _within(self, timeout: float, uri: str, sql: str, running: dict[str, Any],
-                what: str) -> pa.Table:
+    def _within(self, timeout: float, dbapi: Any, uri: str, sql: str,
+                running: dict[str, Any], what: str) -> pa.Table:
         """Connect, run and fetch in a worker thread, given up on (the query cancelled)
         after `timeout` seconds: a server that never answers holds no run."""
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["table"] = self._fetch(uri, sql, running)
+                outcome["table"] = self._fetch(dbapi, uri, sql, running)
             except BaseException as error:  # noqa: BLE001 - handed to the caller
                 outcome["error"] = error
         worker = threading.Thread(target=work, daemon=True, name=f"segment {self.activation}")

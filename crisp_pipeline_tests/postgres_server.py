@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from crisp_pipeline.state.locks import pid_alive
+
 SERVER_URL_ENV = "CRISP_PIPELINE_TEST_POSTGRES_URL"
 USER = "crisp"
 
@@ -82,16 +84,6 @@ class PostgresServer:
 PREFIX = "crisp-pg-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop_orphans(binaries: Path) -> None:
     """Servers whose test process died without stopping them (a SIGKILL: `pg_ctl` detaches
     the server) are stopped and their folders removed."""
@@ -100,7 +92,7 @@ def _stop_orphans(binaries: Path) -> None:
             owner = int((folder / "owner.pid").read_text())
         except (OSError, ValueError):
             continue
-        if _alive(owner):
+        if pid_alive(owner):
             continue
         if (folder / "data" / "postmaster.pid").exists():
             subprocess.run([str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m",

@@ -58,7 +58,8 @@ def _table(connection) -> str:
     return table
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,7 +76,7 @@ def holder_ended(holder: Holder, run_active: Callable[[str], bool | None]) -> bo
     even when the Dagster instance still says the run is in progress (a killed worker with no
     run monitoring stays "started" forever). A run whose process is alive has ended when the
     instance says so."""
-    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
+    if holder.host == socket.gethostname() and not pid_alive(holder.pid):
         return True
     active = run_active(holder.run_id)
     if active is not None:
