@@ -27,7 +27,6 @@ Targets: the pipeline at least as fast as row_hash and faster than duckdb.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from datasets import bench_arguments
 
 GIB = 1024 ** 3
 ROW_HASH_SEED = 17  # as crisp_pipeline.state.store hashes rows
@@ -222,13 +223,7 @@ def receive(pipe, process):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--people", type=int, default=1_000_000)
-    parser.add_argument("--attributes", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    if args.repeats < 5:
-        parser.error("--repeats: at least 5")
+    args = bench_arguments(__doc__, "repeats", at_least=5)
     print(f"change set of {args.people:,} people x {args.attributes} attributes "
           f"(5% changed, 2% new, 2% gone), {os.cpu_count()} CPUs, median of {args.repeats}, "
           "interleaved", flush=True)

@@ -4,10 +4,26 @@ as the normalised segment and the stored snapshot hold them."""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig
+
+
+def bench_arguments(doc: str, repeats: str = "trials",
+                    at_least: int | None = None) -> argparse.Namespace:
+    """The command line every benchmark of a segment takes: its size (`--people`,
+    `--attributes`) and how many timed repeats (`--<repeats>`, 5 by default)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--people", type=int, default=1_000_000)
+    parser.add_argument("--attributes", type=int, default=20)
+    parser.add_argument(f"--{repeats}", type=int, default=5)
+    args = parser.parse_args()
+    if at_least is not None and getattr(args, repeats) < at_least:
+        parser.error(f"--{repeats}: at least {at_least}")
+    return args
 
 
 def config_for(attributes: int) -> ActivationConfig:

@@ -24,7 +24,6 @@ over 10 runs. Last line:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -39,6 +38,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+from datasets import bench_arguments
 
 GIB = 1024 ** 3
 WEBSITE, TOKEN_ID, TOKEN_KEY = "bench", "bench-id", "bench-key"
@@ -225,11 +225,7 @@ def change_one_percent(db_path: str, trial: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--people", type=int, default=1_000_000)
-    parser.add_argument("--attributes", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_arguments(__doc__)
     with tempfile.TemporaryDirectory() as folder:
         db_path, state_file = f"{folder}/e2e.duckdb", Path(folder) / "crisp.json"
         os.environ["DAGSTER_HOME"] = folder

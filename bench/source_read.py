@@ -14,7 +14,6 @@ The two frames must be equal. Last line:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+from datasets import bench_arguments
 from end_to_end import make_segment
 
 
@@ -40,11 +40,7 @@ def main() -> None:
     from crisp_pipeline.warehouse import DuckDBSource
     from crisp_pipeline_tests.postgres_server import throwaway_server
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--people", type=int, default=1_000_000)
-    parser.add_argument("--attributes", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_arguments(__doc__)
     segment = make_segment(args.people, args.attributes)
     with tempfile.TemporaryDirectory() as folder, throwaway_server() as server, \
             server.database() as url:

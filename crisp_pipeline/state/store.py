@@ -356,6 +356,13 @@ class StateStore:
             else:
                 self._known.tables.pop((self.schema, table), None)
 
+    def _create_once(self, connection: duckdb.DuckDBPyConnection, name: str,
+                     columns: str) -> None:
+        """Create table `name` with `columns` (SQL) unless the catalog knows it exists."""
+        if not self._exists(connection, name):
+            self._ddl(connection, name,
+                      f"create table if not exists {self.table(name)} ({columns})")
+
     def _replace(self, connection: duckdb.DuckDBPyConnection, name: str,
                  frame: pl.DataFrame) -> None:
         connection.register("frame_to_store", frame.to_arrow())
@@ -400,9 +407,8 @@ class StateStore:
     def _mark_stage(self, connection: duckdb.DuckDBPyConnection, stage: str,
                     run_id: str) -> None:
         table = self.table("stages")
-        if not self._exists(connection, "stages"):
-            self._ddl(connection, "stages", f"create table if not exists {table} (stage varchar primary "
-                      "key, run_id varchar not null, done_at timestamptz)")
+        self._create_once(connection, "stages",
+                          "stage varchar primary key, run_id varchar not null, done_at timestamptz")
         connection.execute(f"insert into {table} values (?, ?, ?) on conflict (stage) do "
                            "update set run_id = excluded.run_id, done_at = excluded.done_at",
                            [stage, run_id, now()])
@@ -443,9 +449,10 @@ class StateStore:
         """Keep this run's segment. With `kept` (identifier, raw_hash of the stored rows that
         did not change, `changes.normalize`), only the rest (`leaving`, when the caller
         knows it) is deleted and `accepted` (the rows that changed) inserted; without it
-        `accepted` is the whole segment and replaces the table. `key` is the normalisation key the fingerprints were taken under. Each
-        stored row carries `row_hash`, the hash of its identifier, email and fields, hashed as
-        the snapshot hashes its rows. Returns the rows written and deleted."""
+        `accepted` is the whole segment and replaces the table. `key` is the normalisation key
+        the fingerprints were taken under. Each stored row carries `row_hash`, the hash of its
+        identifier, email and fields, hashed as the snapshot hashes its rows. Returns the rows
+        written and deleted."""
         fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash")]
         hashed = accepted.with_columns(
             accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash"))
@@ -477,9 +484,7 @@ class StateStore:
                     connection.unregister("arriving")
                 written = {"written": hashed.height, "deleted": int(deleted)}
             key_table = self.table("segment_key")
-            if not self._exists(connection, "segment_key"):
-                self._ddl(connection, "segment_key",
-                          f"create table if not exists {key_table} (key varchar)")
+            self._create_once(connection, "segment_key", "key varchar")
             connection.execute(f"delete from {key_table}")
             if key is not None:
                 connection.execute(f"insert into {key_table} values (?)", [key])
@@ -795,10 +800,8 @@ class StateStore:
         nothing); a row with a null fingerprint marks that the website has one."""
         with self._transaction() as connection:
             table = self.table("unidentified_baseline")
-            if not self._exists(connection, "unidentified_baseline"):
-                self._ddl(connection, "unidentified_baseline",
-                          f"create table if not exists {table} (website_id varchar, "
-                          "fingerprint varchar)")
+            self._create_once(connection, "unidentified_baseline",
+                              "website_id varchar, fingerprint varchar")
             connection.execute(f"delete from {table} where website_id = ?", [self._website()])
             connection.execute(f"insert into {table} values (?, null)", [self._website()])
             if self._exists(connection, "unidentified"):
@@ -957,9 +960,7 @@ class StateStore:
         stored hash is forgotten and computed again."""
         table = self.table("row_hash_version")
         version = json.dumps([pl.__version__, ROW_HASH_SEED, fields])
-        if not self._exists(connection, "row_hash_version"):
-            self._ddl(connection, "row_hash_version",
-                      f"create table if not exists {table} (version varchar)")
+        self._create_once(connection, "row_hash_version", "version varchar")
         row = connection.execute(f"select version from {table}").fetchone()
         if row is None or row[0] != version:
             connection.execute(f"update {self.table('snapshot')} set row_hash = null")
