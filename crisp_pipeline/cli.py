@@ -100,7 +100,7 @@ def demo(db: str | None, people: int, serve: bool) -> None:
 
 @main.command()
 @click.argument("activation")
-@click.option("--db", default=None, help="DuckDB file holding the state.")
+@click.option("--db", default=None, help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
 @click.option("--batch-size", default=None, type=int,
               help="People per PATCH batch/data [default: the contract's maximum].")
 def plan(activation: str, db: str | None, batch_size: int | None) -> None:
@@ -113,10 +113,10 @@ def plan(activation: str, db: str | None, batch_size: int | None) -> None:
     from crisp_pipeline.changes.plan import request_plan
     from crisp_pipeline.crisp.config import daily_quota_from_env
     from crisp_pipeline.state.budget import remaining_today
-    from crisp_pipeline.state.store import StateStore, connect_file
+    from crisp_pipeline.state.store import StateStore, connect_state
     from crisp_pipeline.sync.reconcile import full_reconcile_cost
 
-    connect = connect_file(_db_path(db))
+    connect = connect_state(_db_path(db))
     store = StateStore(connect, f"crisp_{activation}")
     changes = store.read_change_set()
     if changes.is_empty() and not store.read("runs").height:
@@ -137,7 +137,7 @@ def plan(activation: str, db: str | None, batch_size: int | None) -> None:
 
 @main.command()
 @click.argument("activation")
-@click.option("--db", default=None, help="DuckDB file holding the state.")
+@click.option("--db", default=None, help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
 @click.option("--full", is_flag=True,
               help="Re-read every managed person, not only those due within the allowance.")
 @click.option("--max-requests", default=500, show_default=True, type=int,
@@ -156,11 +156,11 @@ def reconcile(activation: str, db: str | None, full: bool, max_requests: int) ->
     from crisp_pipeline.activation import ReconcilePolicy
     from crisp_pipeline.crisp import CrispSettings, SettingsError, StopRun
     from crisp_pipeline.state import locks
-    from crisp_pipeline.state.store import StateStore, connect_file
+    from crisp_pipeline.state.store import StateStore, connect_state
     from crisp_pipeline.sync.client import ClientOptions
     from crisp_pipeline.sync.reconcile import reconcile_snapshot
 
-    connect = connect_file(_db_path(db))
+    connect = connect_state(_db_path(db))
     stored = StateStore(connect, f"crisp_{activation}").stored_configuration()
     if stored is None:
         raise click.ClickException(f"no state for {activation!r} yet: run it once first")
@@ -188,14 +188,20 @@ def reconcile(activation: str, db: str | None, full: bool, max_requests: int) ->
 
 
 @main.command()
-@click.option("--db", default=None, help="DuckDB file holding the state.")
+@click.option("--db", default=None, help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
 def status(db: str | None) -> None:
     """One line per activation: people managed, last sync and its figures."""
-    from crisp_pipeline.state.store import open_duckdb
+    import contextlib
+    import os
 
-    # waits, as every step does, for a process holding the file (a run keeps it open)
-    connection = open_duckdb(_db_path(db), {"access_mode": "READ_ONLY"})
-    try:
+    from crisp_pipeline.state.store import STATE_URL_ENV, connect_state, open_duckdb
+
+    with contextlib.ExitStack() as stack:
+        if os.environ.get(STATE_URL_ENV, "").strip():
+            connection = stack.enter_context(connect_state(_db_path(db))())
+        else:  # waits, as every step does, for a process holding the file (a run keeps it open)
+            connection = open_duckdb(_db_path(db), {"access_mode": "READ_ONLY"})
+            stack.callback(connection.close)
         schemas = [row[0] for row in connection.execute(
             "select distinct table_schema from information_schema.tables "
             "where table_schema like 'crisp\\_%' escape '\\' and table_name = 'snapshot' "
@@ -212,8 +218,6 @@ def status(db: str | None) -> None:
                 f"{last[2]} ok, {last[3]} rejected, {last[4]} deferred, {last[5]} requests" \
                 if last else "never synced"
             click.echo(f"{schema.removeprefix('crisp_'):<24} {managed:>8} managed  {where}")
-    finally:
-        connection.close()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from crisp_pipeline.crisp import CrispError, CrispSettings, SettingsError, StopR
 from crisp_pipeline.crisp.config import daily_quota_from_env
 from crisp_pipeline.state import locks
 from crisp_pipeline.state.budget import remaining_today
-from crisp_pipeline.state.store import StateStore, StateUnavailable, connect_file
+from crisp_pipeline.state.store import (StateStore, StateUnavailable, connect_file,
+                                         connect_state)
 from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
     AdoptionReport,
@@ -116,12 +117,27 @@ class StateUnavailableFailure(dg.Failure, StateUnavailable):
     `StateUnavailable` for the code that can wait it out (the budget, the sync's recording)."""
 
 
-def _connector(db: DuckDBResource):
-    """Connections to the resource's DuckDB file, opened as `state.store.open_duckdb` does
-    (waiting out another writer's lock, failing at once on anything else) and always closed."""
+def _duckdb_config(db: DuckDBResource) -> dict:
     # the settings DuckDBResource.get_connection() opens the file with: DuckDB refuses a
     # second connection with other settings while the file is kept open in this process
-    connect = connect_file(db.database, {"custom_user_agent": "dagster", **db.connection_config})
+    return {"custom_user_agent": "dagster", **db.connection_config}
+
+
+def _duckdb_connector(db: DuckDBResource):
+    """Connections to the resource's DuckDB file itself (the default warehouse), whatever
+    holds the state."""
+    return _failing_as_steps(connect_file(db.database, _duckdb_config(db)))
+
+
+def _connector(db: DuckDBResource):
+    """Connections to the state: the Postgres database of CRISP_PIPELINE_STATE_URL, else the
+    resource's DuckDB file, opened as `state.store.open_duckdb` does (waiting out another
+    writer's lock, failing at once on anything else); always closed or given back."""
+    return _failing_as_steps(connect_state(db.database, _duckdb_config(db)))
+
+
+def _failing_as_steps(connect):
+    """`connect`, its `StateUnavailable` raised as a step failure."""
 
     @contextlib.contextmanager
     def guarded() -> Iterator[Any]:
@@ -135,7 +151,8 @@ def _connector(db: DuckDBResource):
     def kept_open() -> Iterator[None]:
         kept = contextlib.ExitStack()
         try:
-            kept.enter_context(connect.kept_open())
+            if hasattr(connect, "kept_open"):
+                kept.enter_context(connect.kept_open())
         except StateUnavailable as error:
             raise StateUnavailableFailure(description=str(error)) from None
         with kept:
@@ -268,7 +285,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                   tags={"crisp/mode": config.mode.value})
 
     def source(crisp_db: DuckDBResource) -> SegmentSource:
-        return segment_source(config.segment, name, _connector(crisp_db),
+        return segment_source(config.segment, name, _duckdb_connector(crisp_db),
                               needed=config.source_columns)
 
     upstream, external = source_asset(config)
@@ -606,7 +623,7 @@ def _source_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
     def source_sensor(context: dg.SensorEvaluationContext, crisp_db: DuckDBResource):
         try:
             watermark = segment_source(config.segment, config.name,
-                                       _connector(crisp_db)).watermark()
+                                       _duckdb_connector(crisp_db)).watermark()
         except SegmentSourceError as error:
             return dg.SkipReason(str(error))
         if watermark is None:

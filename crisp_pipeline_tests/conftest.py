@@ -88,3 +88,18 @@ def postgres_url(postgres_server) -> Iterator[str]:
     """The URL of a fresh database on the session's Postgres server."""
     with postgres_server.database() as url:
         yield url
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def state_backend(request, monkeypatch) -> Iterator[str]:
+    """Run the test once with the state in the DuckDB file and once in a fresh Postgres
+    database (CRISP_PIPELINE_STATE_URL), as a cluster would keep it."""
+    from crisp_pipeline.state.store import STATE_URL_ENV
+
+    if request.param == "duckdb":
+        monkeypatch.delenv(STATE_URL_ENV, raising=False)
+        yield "duckdb"
+        return
+    with request.getfixturevalue("postgres_server").database() as url:
+        monkeypatch.setenv(STATE_URL_ENV, url)
+        yield "postgres"

@@ -1,4 +1,5 @@
-"""An activation wired to the emulator and a temporary DuckDB file, run through Dagster."""
+"""An activation wired to the emulator and a temporary DuckDB file (its warehouse, and its state
+unless the `state_backend` fixture put the state in Postgres), run through Dagster."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.component import build_activation_defs, default_resources
 from crisp_pipeline.changes.encode import same_value
 from crisp_pipeline.emulator import RunningEmulator
-from crisp_pipeline.state.store import StateStore, connect_file
+from crisp_pipeline.state.store import StateStore, connect_state
 from crisp_pipeline.sync.profiles import held_values
 
 from .conftest import PLUGIN, WEBSITE
@@ -38,7 +39,7 @@ class Pipeline:
         self.defs = dg.Definitions.merge(build_activation_defs(config),
                                          dg.Definitions(resources=default_resources(db_path)))
         self.job = self.defs.resolve_job_def(f"{config.name}_job")
-        self.store = StateStore(connect_file(db_path), config.state_schema,
+        self.store = StateStore(connect_state(db_path), config.state_schema,
                                 config.website_id or WEBSITE)
         self.fields = list(config.managed_columns)
         self._log_mark = 0

@@ -19,10 +19,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from crisp_pipeline.activation import ActivationConfig
 
 from .conftest import WEBSITE
 from .harness import Pipeline, crisp_env
+
+pytestmark = pytest.mark.usefixtures("state_backend")
 
 TRIALS = int(os.environ.get("CRISP_CRASH_TRIALS", "12"))
 PEOPLE = int(os.environ.get("CRISP_CRASH_PEOPLE", "1500"))

@@ -34,11 +34,13 @@ import pytest
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.emulator import FaultPlan, ForcedAnswer, RunningEmulator
 from crisp_pipeline.state.budget import spent_today
-from crisp_pipeline.state.store import connect_file
+from crisp_pipeline.state.store import connect_state
 
 from .concurrent_child import job_from_env
 from .conftest import OTHER_WEBSITE, PLUGIN, WEBSITE, WEBSITE_TOKEN
 from .harness import Pipeline, crisp_env
+
+pytestmark = pytest.mark.usefixtures("state_backend")
 
 LOOSE = {"max_deletes": 1000, "max_delete_fraction": 0.5}
 SCHEMA = {"email": pl.String, "name": pl.String, "plan": pl.String}
@@ -714,7 +716,7 @@ def test_two_activations_on_one_website_at_once_share_the_budget_and_lose_nothin
     assert all(outcome["success"] for outcome in outcomes), outcomes
     log = emulator.emulator.requests()
     assert len(log) <= 90 and all(entry.status != 429 for entry in log), len(log)
-    assert spent_today(connect_file(db), PLUGIN.identifier) <= 90
+    assert spent_today(connect_state(db), PLUGIN.identifier) <= 90
 
     monkeypatch.setenv("CRISP_DAILY_QUOTA", "10000")
     emulator.emulator.quota.reset()

@@ -15,6 +15,8 @@ from crisp_pipeline.activation import ActivationConfig
 from .conftest import WEBSITE
 from .harness import Pipeline, crisp_env
 
+pytestmark = pytest.mark.usefixtures("state_backend")
+
 SCHEMA = {"email": str, "full_name": str, "phone": str, "plan": str, "mrr": float}
 
 

@@ -14,7 +14,7 @@ from crisp_pipeline.changes.guards import evaluate_guards
 from crisp_pipeline.changes.plan import request_plan
 from crisp_pipeline.crisp.pacing import CappedBudget, InMemoryBudget
 from crisp_pipeline.state.budget import StoredBudget, spent_today
-from crisp_pipeline.state.store import CHANGE_SET_SCHEMA, connect_file
+from crisp_pipeline.state.store import CHANGE_SET_SCHEMA, connect_state
 
 
 def change(identifier: str, op: str, changed: list[str], data: dict | None = None) -> dict:
@@ -57,8 +57,8 @@ def test_guards_refuse_an_empty_segment_too_many_deletes_and_a_creeping_window()
 
 
 def test_the_stored_budget_is_shared_never_overspent_and_gives_back_what_it_did_not_use(
-        tmp_path):
-    connect = connect_file(str(tmp_path / "b.duckdb"))
+        tmp_path, state_backend):
+    connect = connect_state(str(tmp_path / "b.duckdb"))
     first, second = StoredBudget(connect, "t", 120, block=50), StoredBudget(connect, "t", 120)
     paid = []
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from crisp_pipeline.state.store import SNAPSHOT_KEYS, StateStore, connect_file, now
+from crisp_pipeline.state.store import SNAPSHOT_KEYS, StateStore, connect_state, now
 
 FIELDS = ["person.nickname", "data.plan"]
 SCHEMA = {**SNAPSHOT_KEYS, **{f: pl.String for f in FIELDS}}
@@ -27,8 +27,8 @@ def rows(*people: tuple) -> pl.DataFrame:
     [("a@x.io", "pa", None, None, '"team"'), ("c@x.io", "pc", "created", '"Cy"', None),
      ("b@x.io", "pb-new", None, '"Bo"', None)],                     # all three at once
 ])
-def test_each_confirmed_person_ends_as_confirmed(tmp_path, batch):
-    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_t", "w")
+def test_each_confirmed_person_ends_as_confirmed(tmp_path, batch, state_backend):
+    store = StateStore(connect_state(str(tmp_path / "s.duckdb")), "crisp_t", "w")
     store.confirm(rows(("a@x.io", "pa", "created", '"Al"', '"pro"'),
                        ("b@x.io", "pb", "adopted", '"Bee"', '"free"')), FIELDS)
     expected = {r["identifier"]: r for r in store.read_snapshot(FIELDS).iter_rows(named=True)}
@@ -47,3 +47,16 @@ def test_each_confirmed_person_ends_as_confirmed(tmp_path, batch):
         "identifier", "people_id", "email", "origin", *FIELDS).cast(
         {c: pl.String for c in ["identifier", "people_id", "email", "origin", *FIELDS]})
     assert held.to_dicts() == want.to_dicts()
+
+
+def test_the_database_refuses_two_identifiers_for_one_crisp_person(tmp_path, state_backend):
+    """Identity is the database's constraint, not only the code's care: a second identifier
+    for a people_id already held (or a second row for an identifier) fails the whole batch,
+    which leaves the snapshot as it was."""
+    store = StateStore(connect_state(str(tmp_path / "s.duckdb")), "crisp_t", "w")
+    store.confirm(rows(("a@x.io", "pa", "created", '"Al"', None)), FIELDS)
+    with pytest.raises(Exception, match="(?i)constraint|duplicate|unique"):
+        store.confirm(rows(("c@x.io", "pc", "created", None, None),
+                           ("b@x.io", "pa", "created", '"Bo"', None)), FIELDS)
+    held = store.read_snapshot(FIELDS)
+    assert held.get_column("identifier").to_list() == ["a@x.io"]

@@ -14,7 +14,7 @@ import contextlib
 import threading
 from datetime import UTC, datetime
 
-from .store import Connect, StateUnavailable
+from .store import Connect, StateUnavailable, dialect
 
 SCHEMA = "crisp_pipeline"
 
@@ -33,33 +33,36 @@ def _ensure(connection) -> str:
     table = _table(connection)
     connection.execute(f'create schema if not exists "{SCHEMA}"')
     connection.execute(f"create table if not exists {table} (token varchar, day date, "
-                       "spent bigint not null, primary key (token, day))")
+                       "spent bigint not null, last_granted bigint, primary key (token, day))")
+    if dialect(connection) == "duckdb":  # a file from before the update returned the grant
+        connection.execute(f"alter table {table} add column if not exists last_granted bigint")
     return table
 
 
 def spent_today(connect: Connect, token: str) -> int:
     with connect() as connection:
         table = _ensure(connection)
-        row = connection.execute(f"select spent from {table} where token = ? and day = ?",
-                                 [token, _today()]).fetchone()
+        row = connection.execute(f"select spent from {table} where token = ? and "
+                                 "day = ?::date", [token, _today()]).fetchone()
     return int(row[0]) if row else 0
 
 
 def _add(connect: Connect, token: str, requests: int, quota: int) -> int:
-    """Reserve up to `requests` of today's budget; returns how many were granted."""
+    """Reserve up to `requests` of today's budget (a negative number gives back); returns how
+    many were granted. One `update ... returning`: the grant is computed from the row as the
+    update finds it, so two processes reserving at once (Postgres runs them side by side)
+    never both spend the same remainder."""
+    granted = ("greatest(least(?, ? - spent), 0)" if requests > 0 else "greatest(?, -spent)")
+    params = [requests, quota] if requests > 0 else [requests]
     with connect() as connection:
         table = _ensure(connection)
-        connection.execute("begin")
-        row = connection.execute(f"select spent from {table} where token = ? and day = ?",
-                                 [token, _today()]).fetchone()
-        spent = int(row[0]) if row else 0
-        granted = max(min(requests, quota - spent), 0) if requests > 0 else requests
-        connection.execute(
-            f"insert into {table} values (?, ?, ?) on conflict (token, day) "
-            "do update set spent = greatest(excluded.spent, 0)",
-            [token, _today(), spent + granted])
-        connection.execute("commit")
-    return granted
+        connection.execute(f"insert into {table} (token, day, spent) values (?, ?::date, 0) "
+                           "on conflict (token, day) do nothing", [token, _today()])
+        row = connection.execute(
+            f"update {table} set last_granted = {granted}, spent = spent + {granted} "
+            "where token = ? and day = ?::date returning last_granted",
+            [*params, *params, token, _today()]).fetchone()
+    return int(row[0])
 
 
 class StoredBudget:

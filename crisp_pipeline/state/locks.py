@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from .postgres import serialize
 from .store import Connect, now
 
 SCHEMA = "crisp_pipeline"
@@ -93,6 +94,7 @@ def _try_take(connect: Connect, activation: str, run_id: str,
         table = _table(connection)
         connection.execute("begin")
         try:
+            serialize(connection, f"lock:{activation}")  # read, then write: one at a time
             row = connection.execute(f"select run_id, host, pid, acquired_at, heartbeat_at "
                                      f"from {table} where activation = ?",
                                      [activation]).fetchone()

@@ -1,4 +1,5 @@
-"""The DuckDB state store: what each activation knows, in one schema per activation.
+"""The state store: what each activation knows, in one schema per activation, in a DuckDB file
+(the default) or a Postgres database (`connect_state`, `state.postgres`).
 
 Tables of schema `crisp_<activation>`:
 - `segment`, `rejected`: the latest normalised segment, and its rejected rows with row, field,
@@ -16,7 +17,8 @@ Tables of schema `crisp_<activation>`:
 Only confirmed writes enter the snapshot, in one transaction per batch of outcomes, so a crash
 mid-sync leaves the snapshot claiming nothing Crisp does not hold; the unconfirmed work is
 simply part of the next change set. This module does not import Dagster: it takes a function
-that opens a DuckDB connection.
+that opens a connection. Its SQL is the dialect DuckDB and Postgres share; the few
+statements that differ ask `dialect`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
 import polars as pl
 from tenacity import retry, retry_if_exception, wait_random_exponential
 
-Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+# a DuckDB connection, or a `state.postgres.PostgresConnection` speaking the part of its API
+# this module uses
+StateConnection = Any
+Connect = Callable[[], AbstractContextManager[StateConnection]]
 
 SNAPSHOT_KEYS = {"identifier": pl.String, "people_id": pl.String, "email": pl.String,
                  "confirmed_at": pl.Datetime("us", "UTC"), "origin": pl.String,
@@ -148,6 +154,43 @@ def connect_file(path: str, config: dict | None = None) -> Connect:
                 connection.close()
     connect.kept_open = lambda: file_kept_open(path, config)
     return connect
+
+
+STATE_URL_ENV = "CRISP_PIPELINE_STATE_URL"
+
+
+def connect_state(path: str, config: dict | None = None) -> Connect:
+    """Where the state lives: the Postgres database of CRISP_PIPELINE_STATE_URL when it is
+    set (runs on many machines, e.g. one pod per run), else the DuckDB file `path`."""
+    url = os.environ.get(STATE_URL_ENV, "").strip()
+    if url:
+        from .postgres import connect_postgres
+        return connect_postgres(url)
+    return connect_file(path, config)
+
+
+def dialect(connection) -> str:
+    """`duckdb`, or `postgres` for a `state.postgres.PostgresConnection`."""
+    return getattr(connection, "dialect", "duckdb")
+
+
+def sql_type(dtype: pl.DataType, dialect_name: str) -> str:
+    """The column type a frame's column is stored as (to add it to an existing table)."""
+    if dtype == pl.UInt64:
+        return "bigint" if dialect_name == "postgres" else "ubigint"
+    if dtype.is_integer():
+        return "bigint"
+    if dtype.is_float():
+        return "double precision"
+    if dtype == pl.Boolean:
+        return "boolean"
+    if isinstance(dtype, pl.Datetime):
+        return "timestamptz" if dtype.time_zone else "timestamp"
+    if dtype == pl.Date:
+        return "date"
+    if isinstance(dtype, pl.List):
+        return sql_type(dtype.inner, dialect_name) + "[]"
+    return "varchar"
 
 
 def quote(name: str) -> str:
@@ -290,6 +333,7 @@ class StateStore:
         self.schema = schema
         self.website_id = website_id
         self._catalog = ""
+        self._dialect = "duckdb"
         self._known = _Catalog()
 
     def kept_open(self) -> AbstractContextManager[None]:
@@ -303,11 +347,16 @@ class StateStore:
         return f"{quote(self._catalog)}.{quote(schema or self.schema)}.{quote(name)}"
 
     @contextlib.contextmanager
-    def _session(self, writing: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _session(self, writing: bool = True) -> Iterator[StateConnection]:
         with self._connect() as connection:
-            self._catalog, path = connection.execute(
-                "select database_name, path from duckdb_databases() where database_name = "
-                "current_database()").fetchone()
+            self._dialect = dialect(connection)
+            if self._dialect == "postgres":  # (no cache: other sessions may change tables)
+                self._catalog, path = connection.execute(
+                    "select current_database(), null").fetchone()
+            else:
+                self._catalog, path = connection.execute(
+                    "select database_name, path from duckdb_databases() where database_name = "
+                    "current_database()").fetchone()
             self._known = _catalog_of(path)
             if writing and self.schema not in self._known.schemas:
                 connection.execute(f"create schema if not exists {quote(self.schema)}")
@@ -315,7 +364,7 @@ class StateStore:
             yield connection
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _transaction(self) -> Iterator[StateConnection]:
         with self._session() as connection:
             connection.execute("begin")
             try:
@@ -326,25 +375,28 @@ class StateStore:
                 raise
             connection.execute("commit")
 
-    def _columns_or_none(self, connection: duckdb.DuckDBPyConnection,
+    def _columns_or_none(self, connection: StateConnection,
                          name: str) -> list[str] | None:
         """A table's columns in order, None when it does not exist (remembered: `_Catalog`)."""
         key = (self.schema, name)
         if key not in self._known.tables:
+            catalog = ("select column_name from information_schema.columns where "
+                       "table_catalog = ? and table_schema = ? and table_name = ? order by "
+                       "ordinal_position" if self._dialect == "postgres" else
+                       "select column_name from duckdb_columns() where database_name = ? and "
+                       "schema_name = ? and table_name = ? order by column_index")
             columns = [row[0] for row in connection.execute(
-                "select column_name from duckdb_columns() where database_name = ? and "
-                "schema_name = ? and table_name = ? order by column_index",
-                [self._catalog, self.schema, name]).fetchall()]
+                catalog, [self._catalog, self.schema, name]).fetchall()]
             self._known.tables[key] = columns or None
         return self._known.tables[key]
 
-    def _exists(self, connection: duckdb.DuckDBPyConnection, name: str) -> bool:
+    def _exists(self, connection: StateConnection, name: str) -> bool:
         return self._columns_or_none(connection, name) is not None
 
-    def _columns(self, connection: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+    def _columns(self, connection: StateConnection, name: str) -> list[str]:
         return list(self._columns_or_none(connection, name) or [])
 
-    def _ddl(self, connection: duckdb.DuckDBPyConnection, table: str | None, statement: str,
+    def _ddl(self, connection: StateConnection, table: str | None, statement: str,
              params: list | None = None) -> None:
         """A statement that creates, alters or drops `table` (None: tables not named): what
         the catalog knew of it is forgotten."""
@@ -356,46 +408,58 @@ class StateStore:
             else:
                 self._known.tables.pop((self.schema, table), None)
 
-    def _create_once(self, connection: duckdb.DuckDBPyConnection, name: str,
+    def _create_once(self, connection: StateConnection, name: str,
                      columns: str) -> None:
         """Create table `name` with `columns` (SQL) unless the catalog knows it exists."""
         if not self._exists(connection, name):
             self._ddl(connection, name,
                       f"create table if not exists {self.table(name)} ({columns})")
 
-    def _replace(self, connection: duckdb.DuckDBPyConnection, name: str,
+    def _replace(self, connection: StateConnection, name: str,
                  frame: pl.DataFrame) -> None:
         connection.register("frame_to_store", frame.to_arrow())
-        self._ddl(connection, name, f"create or replace table {self.table(name)} as "
-                  "select * from frame_to_store")
+        if self._dialect == "postgres":
+            self._ddl(connection, name, f"drop table if exists {self.table(name)}")
+            self._ddl(connection, name, f"create table {self.table(name)} as "
+                      "select * from frame_to_store")
+        else:
+            self._ddl(connection, name, f"create or replace table {self.table(name)} as "
+                      "select * from frame_to_store")
         connection.unregister("frame_to_store")
 
-    def _append(self, connection: duckdb.DuckDBPyConnection, name: str,
+    def _temp_table(self, connection, name: str, select: str, params: list) -> None:
+        """A temporary table of this session made from a query (replacing one so named)."""
+        if self._dialect == "postgres":
+            connection.execute(f"drop table if exists pg_temp.{quote(name)}")
+            connection.execute(f"create temp table {quote(name)} as {select}", params)
+        else:
+            connection.execute(f"create or replace temp table {quote(name)} as {select}",
+                               params)
+
+    def _append(self, connection: StateConnection, name: str,
                 frame: pl.DataFrame) -> None:
         """Append by column name; columns a table made by an earlier version lacks are added
         (a state file outlives the code that wrote it)."""
         connection.register("frame_to_store", frame.to_arrow())
         if self._exists(connection, name):
             have = set(self._columns(connection, name))
-            for column in frame.columns:
+            for column, dtype in frame.schema.items():
                 if column not in have:
-                    sql_type = connection.execute(
-                        f"select typeof({quote(column)}) from frame_to_store limit 1").fetchone()
-                    dtype = sql_type[0] if sql_type else "VARCHAR"
                     self._ddl(connection, name, f"alter table {self.table(name)} add column "
-                              f"{quote(column)} {dtype}")
-            connection.execute(f"insert into {self.table(name)} by name "
-                               "select * from frame_to_store")
+                              f"{quote(column)} {sql_type(dtype, self._dialect)}")
+            listed = ", ".join(quote(c) for c in frame.columns)
+            connection.execute(f"insert into {self.table(name)} ({listed}) "
+                               f"select {listed} from frame_to_store")
         else:
             self._ddl(connection, name,
                       f"create table {self.table(name)} as select * from frame_to_store")
         connection.unregister("frame_to_store")
 
-    def _read(self, connection: duckdb.DuckDBPyConnection, name: str,
+    def _read(self, connection: StateConnection, name: str,
               schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
         if not self._exists(connection, name):
             return pl.DataFrame(schema=schema or {})
-        return connection.sql(f"select * from {self.table(name)}").pl()
+        return connection.execute(f"select * from {self.table(name)}").pl()
 
     def _website(self) -> str:
         if not self.website_id:
@@ -404,7 +468,7 @@ class StateStore:
 
     # ---------------------------------------------------------------- stages
 
-    def _mark_stage(self, connection: duckdb.DuckDBPyConnection, stage: str,
+    def _mark_stage(self, connection: StateConnection, stage: str,
                     run_id: str) -> None:
         table = self.table("stages")
         self._create_once(connection, "stages",
@@ -480,7 +544,9 @@ class StateStore:
                     connection.unregister("leaving")
                 if not hashed.is_empty():
                     connection.register("arriving", hashed.to_arrow())
-                    connection.execute(f"insert into {table} by name select * from arriving")
+                    listed = ", ".join(quote(c) for c in hashed.columns)
+                    connection.execute(f"insert into {table} ({listed}) select {listed} "
+                                       "from arriving")
                     connection.unregister("arriving")
                 written = {"written": hashed.height, "deleted": int(deleted)}
             key_table = self.table("segment_key")
@@ -517,7 +583,7 @@ class StateStore:
 
     # ---------------------------------------------------------------- snapshot
 
-    def _ensure_snapshot(self, connection: duckdb.DuckDBPyConnection,
+    def _ensure_snapshot(self, connection: StateConnection,
                          fields: list[str]) -> None:
         """The snapshot table, with identity enforced by the database: per website, one row
         per identifier and one identifier per Crisp person."""
@@ -539,13 +605,14 @@ class StateStore:
             self._ddl(connection, "snapshot",
                       f"alter table {snapshot} add column verified_at timestamptz")
         if "row_hash" not in have:  # see `refresh_row_hashes`
-            self._ddl(connection, "snapshot", f"alter table {snapshot} add column row_hash ubigint")
+            self._ddl(connection, "snapshot", f"alter table {snapshot} add column row_hash "
+                      f"{sql_type(pl.UInt64, self._dialect)}")
         for field in fields:
             if field not in have:
                 self._ddl(connection, "snapshot",
                           f"alter table {snapshot} add column {quote(field)} varchar")
 
-    def _migrate_snapshot(self, connection: duckdb.DuckDBPyConnection) -> None:
+    def _migrate_snapshot(self, connection: StateConnection) -> None:
         """A snapshot written before it was kept per website: it belonged to the website the
         activation uses now. People it held twice (two identifiers, one Crisp person) are
         kept once. People whose create the old `outcomes` record count as created; the others
@@ -570,7 +637,7 @@ class StateStore:
             [self._website()])
         self._ddl(connection, "snapshot_before_websites", f"drop table {old}")
 
-    def _snapshot_rows(self, connection: duckdb.DuckDBPyConnection, fields: list[str],
+    def _snapshot_rows(self, connection: StateConnection, fields: list[str],
                        where: str = "true", params: list | None = None,
                        order: str = "", extra: tuple[str, ...] = ()) -> pl.DataFrame:
         """This website's snapshot rows matching `where`: the keys, `fields` and `extra`
@@ -588,7 +655,7 @@ class StateStore:
         with self._session() as connection:
             return self._snapshot_rows(connection, fields)
 
-    def _confirm(self, connection: duckdb.DuckDBPyConnection, confirmed: pl.DataFrame,
+    def _confirm(self, connection: StateConnection, confirmed: pl.DataFrame,
                  fields: list[str]) -> None:
         """Upsert confirmed values; a NULL cell in `confirmed` keeps what was known.
 
@@ -638,7 +705,7 @@ class StateStore:
         with self._transaction() as connection:
             self._confirm(connection, confirmed, fields)
 
-    def _forget(self, connection: duckdb.DuckDBPyConnection, identifiers: list[str]) -> None:
+    def _forget(self, connection: StateConnection, identifiers: list[str]) -> None:
         if not identifiers or not self._exists(connection, "snapshot"):
             return
         connection.register("forgotten", pl.DataFrame(
@@ -778,8 +845,9 @@ class StateStore:
                 connection.execute(f"delete from {self.table('absences')} where website_id = ?",
                                    [self._website()])
             planned = connection.execute(
-                f"select * exclude (run_id) from {self.table('absences_planned')} where "
-                "run_id = ?", [run_id]).pl().cast(ABSENCE_SCHEMA)
+                f"select {', '.join(quote(c) for c in ABSENCE_SCHEMA)} from "
+                f"{self.table('absences_planned')} where run_id = ?", [run_id]
+            ).pl().cast(ABSENCE_SCHEMA)
             self._append(connection, "absences", planned)
 
     def unidentified_baseline(self) -> pl.DataFrame | None:
@@ -954,7 +1022,7 @@ class StateStore:
     # is NULL after any write to the row and computed again before the next diff, so that the
     # diff loads the values of the rows that differ only.
 
-    def _hash_version(self, connection: duckdb.DuckDBPyConnection, fields: list[str]) -> None:
+    def _hash_version(self, connection: StateConnection, fields: list[str]) -> None:
         """A row hash depends on Polars' version and on the fields hashed, in their order (a
         field added, removed or moved in the configuration): when either changes, every
         stored hash is forgotten and computed again."""
@@ -994,12 +1062,12 @@ class StateStore:
             self._ensure_snapshot(connection, fields)
             if not self._exists(connection, "segment"):
                 return pl.DataFrame(), self._snapshot_rows(connection, fields)
-            connection.execute(
-                "create or replace temp table differing as select coalesce(s.identifier, "
-                f"k.identifier) as identifier from {self.table('segment')} s full outer join "
-                f"(select identifier, row_hash from {self.table('snapshot')} where "
-                "website_id = ?) k on s.identifier = k.identifier where s.row_hash is "
-                "distinct from k.row_hash", [self._website()])
+            self._temp_table(
+                connection, "differing", "select coalesce(s.identifier, k.identifier) as "
+                f"identifier from {self.table('segment')} s full outer join (select "
+                f"identifier, row_hash from {self.table('snapshot')} where website_id = ?) k "
+                "on s.identifier = k.identifier where s.row_hash is distinct from k.row_hash",
+                [self._website()])
             segment = connection.execute(
                 f"select * from {self.table('segment')} where identifier in "
                 "(select identifier from differing)").pl()
@@ -1038,9 +1106,9 @@ class StateStore:
             if not self._exists(connection, "segment"):
                 return False
             return bool(connection.execute(
-                f"select exists (select 1 from {self.table('segment')} s anti join (select "
-                f"identifier from {self.table('snapshot')} where website_id = ?) k on "
-                "k.identifier = s.identifier)", [self._website()]).fetchone()[0])
+                f"select exists (select 1 from {self.table('segment')} s where not exists "
+                f"(select 1 from {self.table('snapshot')} k where k.website_id = ? and "
+                "k.identifier = s.identifier))", [self._website()]).fetchone()[0])
 
     def arrivals(self, fields: list[str], *, unclaimed_emails: bool = False) -> pl.DataFrame:
         """Accepted segment rows whose identifier is not managed on this website (identifier,
@@ -1054,15 +1122,15 @@ class StateStore:
             columns = ", ".join(f"s.{quote(c)}" for c in ["identifier", "email", *fields])
             snapshot = self.table("snapshot")
             arriving = connection.execute(
-                f"select {columns} from {self.table('segment')} s anti join (select "
-                f"identifier from {snapshot} where website_id = $1) k on k.identifier = "
-                "s.identifier", [self._website()]).pl()
+                f"select {columns} from {self.table('segment')} s where not exists (select 1 "
+                f"from {snapshot} k where k.website_id = ? and k.identifier = s.identifier)",
+                [self._website()]).pl()
             if not unclaimed_emails or arriving.is_empty():
                 return arriving  # (most runs: no need to lower-case every managed email)
             connection.register("arriving", arriving.to_arrow())
             unclaimed = connection.execute(
                 f"select * from arriving where lower(email) not in (select lower(email) from "
-                f"{snapshot} where website_id = $1 and email is not null)",
+                f"{snapshot} where website_id = ? and email is not null)",
                 [self._website()]).pl()
             connection.unregister("arriving")
             return unclaimed.cast(arriving.schema)

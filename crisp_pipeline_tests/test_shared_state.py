@@ -1,0 +1,102 @@
+"""The state shared by processes, as pods of a cluster share one Postgres (and processes of
+one machine share a DuckDB file): the daily budget and the activation locks hold when
+several processes use them at the very same moment.
+
+Each child process is a plain Python interpreter using the state modules directly (no
+Dagster), started together behind a barrier file so that their requests really overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from crisp_pipeline.state.budget import spent_today
+from crisp_pipeline.state.store import connect_state
+
+pytestmark = pytest.mark.usefixtures("state_backend")
+
+PROCESSES = 4
+
+BUDGET_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from crisp_pipeline.state.budget import StoredBudget
+    from crisp_pipeline.state.store import connect_state
+    path, go, block = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    budget = StoredBudget(connect_state(path), "shared-token", 500, block=block)
+    while not go.exists():
+        time.sleep(0.002)
+    paid = 0
+    while budget.try_spend(1):
+        paid += 1
+    budget.close()
+    print(json.dumps({"paid": paid}))
+""")
+
+LOCK_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from crisp_pipeline.state import locks
+    from crisp_pipeline.state.store import connect_state
+    path, go, journal, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    connect = connect_state(path)
+    while not go.exists():
+        time.sleep(0.002)
+    for turn in range(5):
+        run_id = f"{name}-{turn}"
+        locks.acquire(connect, "contended", run_id, wait_seconds=60)
+        with open(journal, "a") as out:
+            out.write(f"enter {run_id}\\n"); out.flush()
+        time.sleep(0.03)
+        with open(journal, "a") as out:
+            out.write(f"leave {run_id}\\n"); out.flush()
+        locks.release(connect, "contended", run_id)
+""")
+
+
+def _start_together(script: str, args_per_child: list[list[str]], go: Path) -> list[str]:
+    children = [subprocess.Popen([sys.executable, "-c", script, *args],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=os.environ.copy())
+                for args in args_per_child]
+    time.sleep(1.5)  # every child imported and waiting
+    go.touch()
+    outputs = []
+    for child in children:
+        out, err = child.communicate(timeout=180)
+        assert child.returncode == 0, err[-2000:]
+        outputs.append(out)
+    return outputs
+
+
+@pytest.mark.parametrize("block", [1, 7])
+def test_processes_spending_one_budget_at_once_spend_it_exactly(tmp_path, block):
+    """No overspend (the quota is never passed) and no lost update (every request paid is
+    counted): together the processes pay exactly the quota, and the stored count says so."""
+    path = str(tmp_path / "state.duckdb")
+    go = tmp_path / "go"
+    outputs = _start_together(BUDGET_CHILD, [[path, str(go), str(block)]] * PROCESSES, go)
+    paid = [json.loads(out.strip().splitlines()[-1])["paid"] for out in outputs]
+    assert sum(paid) == 500, paid
+    assert spent_today(connect_state(path), "shared-token") == 500
+
+
+def test_one_holder_at_a_time_across_processes(tmp_path):
+    """Processes taking and giving back one activation's lock in a tight loop: no two ever
+    hold it at once (each `enter` is followed by its own `leave`)."""
+    path = str(tmp_path / "state.duckdb")
+    go, journal = tmp_path / "go", tmp_path / "journal"
+    _start_together(LOCK_CHILD, [[path, str(go), str(journal), f"p{i}"]
+                                 for i in range(PROCESSES)], go)
+    lines = journal.read_text().splitlines()
+    assert len(lines) == PROCESSES * 5 * 2
+    for enter, leave in zip(lines[::2], lines[1::2]):
+        assert enter.startswith("enter ") and leave == "leave " + enter.split()[1], lines
