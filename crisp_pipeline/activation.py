@@ -44,10 +44,15 @@ class SegmentQuery(_Model):
     watermark_sql: str | None = Field(
         default=None, description="A cheap query whose single value changes when the source "
         "does (e.g. `select max(updated_at) from customers`); drives the source sensor.")
-    warehouse: Literal["duckdb", "postgres", "adbc"] = Field(
+    warehouse: Literal["duckdb", "postgres", "adbc", "resource"] = Field(
         default="duckdb", description="Where the query runs: `duckdb` (the pipeline's own "
-        "file, CRISP_PIPELINE_DB), `postgres`, or `adbc` (any database with an ADBC driver: "
-        "name it in `adbc_driver`).")
+        "file, CRISP_PIPELINE_DB), `postgres`, `adbc` (any database with an ADBC driver: "
+        "name it in `adbc_driver`), or `resource` (a warehouse resource of your Dagster "
+        "project, e.g. dagster-snowflake's SnowflakeResource: name its key in "
+        "`resource_key`).")
+    resource_key: str | None = Field(
+        default=None, description="With `warehouse: resource`, the key your Definitions bind "
+        "the warehouse resource to (e.g. `snowflake`); its credentials stay in that resource.")
     uri_env: str | None = Field(
         default=None, description="The environment variable holding the warehouse's "
         "connection URI, credentials included (never the URI itself: YAML is not a place "
@@ -78,12 +83,28 @@ class SegmentQuery(_Model):
         if self.uri_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.uri_env):
             raise ValueError(f"segment.uri_env: {self.uri_env!r} is not an environment "
                              "variable name")
+        if self.warehouse == "resource":
+            if not self.resource_key or not re.fullmatch(r"[A-Za-z_]\w*", self.resource_key):
+                raise ValueError("segment: `warehouse: resource` needs `resource_key`, the key "
+                                 "of your warehouse resource (e.g. snowflake)")
+            if self.uri_env or self.adbc_driver:
+                raise ValueError("segment: a `resource` segment connects through the resource: "
+                                 "`uri_env` and `adbc_driver` are for `postgres` or `adbc`")
+            if self.resource_key in ("crisp_db", "crisp", "crisp_run"):
+                raise ValueError(f"segment.resource_key: {self.resource_key!r} is one of the "
+                                 "pipeline's own resources; name your warehouse resource")
+            if self.timeout_seconds is not None:
+                raise ValueError("segment.timeout_seconds: a `resource` segment's queries run "
+                                 "as the resource runs them; set the timeout there (e.g. "
+                                 "Snowflake's STATEMENT_TIMEOUT_IN_SECONDS)")
+        elif self.resource_key:
+            raise ValueError("segment.resource_key is for `warehouse: resource`")
         if self.warehouse == "adbc" and not self.adbc_driver:
             raise ValueError("segment: `warehouse: adbc` needs `adbc_driver`, the driver's "
                              "Python module (e.g. adbc_driver_snowflake)")
         if self.adbc_driver and not re.fullmatch(r"[A-Za-z_][\w.]*", self.adbc_driver):
             raise ValueError(f"segment.adbc_driver: {self.adbc_driver!r} is not a module name")
-        if self.warehouse != "duckdb" and not self.uri_env:
+        if self.warehouse in ("postgres", "adbc") and not self.uri_env:
             object.__setattr__(self, "uri_env", DEFAULT_URI_ENV)
         if self.upstream is not None and not self.upstream:
             raise ValueError("segment.upstream: give the asset key's parts, e.g. "

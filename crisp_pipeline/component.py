@@ -28,8 +28,8 @@ from crisp_pipeline.crisp import CrispError, CrispSettings, SettingsError, StopR
 from crisp_pipeline.crisp.config import daily_quota_from_env
 from crisp_pipeline.state import locks
 from crisp_pipeline.state.budget import remaining_today
-from crisp_pipeline.state.store import (StateStore, StateUnavailable, connect_file,
-                                         connect_state)
+from crisp_pipeline.state.store import (STATE_URL_ENV, StateStore, StateUnavailable,
+                                         connect_file, connect_state)
 from crisp_pipeline.sync.client import ClientOptions
 from crisp_pipeline.sync.prepare import (
     AdoptionReport,
@@ -277,27 +277,63 @@ def _settings_factory(crisp: CrispResource, config: ActivationConfig):
 # ---------------------------------------------------------------- the factory
 
 
+def _source_resource_keys(config: ActivationConfig) -> set[str]:
+    """The user's warehouse resource a segment is read through, if any."""
+    return {config.segment.resource_key} if config.segment.resource_key else set()
+
+
+def _source_of(config: ActivationConfig, resources: Any) -> SegmentSource:
+    resource = (getattr(resources, config.segment.resource_key)
+                if config.segment.resource_key else None)
+    return segment_source(config.segment, config.name, _duckdb_connector(resources.crisp_db),
+                          needed=config.source_columns, resource=resource)
+
+
+def _pipeline_resources(context: Any) -> tuple[DuckDBResource, CrispResource, CrispRunOptions]:
+    resources = context.resources
+    return resources.crisp_db, resources.crisp, resources.crisp_run
+
+
+def _warehouse_kind(config: ActivationConfig) -> str:
+    """The segment's kind tag: its warehouse (for a resource, what kind of resource)."""
+    if config.segment.warehouse != "resource":
+        return config.segment.warehouse
+    return config.segment.resource_key or "warehouse"
+
+
+def _state_kind() -> str:
+    return "postgres" if os.environ.get(STATE_URL_ENV, "").strip() else "duckdb"
+
+
+
 def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
     """Assets, checks, job, schedule and sensor of one activation, keyed by its name."""
     name = config.name
+    if os.environ.get(STATE_URL_ENV, "").strip():  # refused when the definitions load
+        from crisp_pipeline.state.postgres import check_name_lengths
+        check_name_lengths(list(config.managed_columns), f"activation {name!r}: field")
     key = lambda asset: dg.AssetKey([name, asset])
     common = dict(group_name=name, pool=f"crisp_{name}", owners=[],
                   tags={"crisp/mode": config.mode.value})
 
-    def source(crisp_db: DuckDBResource) -> SegmentSource:
-        return segment_source(config.segment, name, _duckdb_connector(crisp_db),
-                              needed=config.source_columns)
+    # The steps that may read the source name their resources in the decorator (not as
+    # parameters): a segment read through the user's own warehouse resource needs a resource
+    # key known only from the configuration (`segment.resource_key`).
+    reading = {"crisp_db", "crisp", "crisp_run", *_source_resource_keys(config)}
+
+    def source(context: Any) -> SegmentSource:
+        return _source_of(config, context.resources)
 
     upstream, external = source_asset(config)
 
-    @dg.asset(key=key("segment"), kinds={config.segment.warehouse, "polars"}, deps=[upstream],
-              **common,
+    @dg.asset(key=key("segment"), kinds={_warehouse_kind(config), "polars"}, deps=[upstream],
+              required_resource_keys=reading, **common,
               description=f"The people of segment {name!r}, normalised; bad rows split off "
               "with a reason (table `rejected`).")
-    def segment(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                crisp_run: CrispRunOptions) -> dg.MaterializeResult:
+    def segment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        crisp_db, _, crisp_run = _pipeline_resources(context)
         with _holding_activation(context, crisp_db, config, crisp_run, "segment"):
-            normalized = _stage(_store(crisp_db, config), config, source(crisp_db),
+            normalized = _stage(_store(crisp_db, config), config, source(context),
                                 context.run.run_id)
         rejected_rows = _rejected_rows(normalized.rejected)
         return dg.MaterializeResult(metadata={
@@ -319,15 +355,16 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             _release_activation(context.op_execution_context, crisp_db, config)
         return result
 
-    @dg.asset(key=key("crisp_snapshot"), deps=[segment], kinds={"crisp", "duckdb"}, **common,
+    @dg.asset(key=key("crisp_snapshot"), deps=[segment], kinds={"crisp", _state_kind()},
+              required_resource_keys=reading, **common,
               description="What Crisp holds for the people this activation manages, as last "
               "confirmed; people already in Crisp are adopted by email, never duplicated.")
-    def crisp_snapshot(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                       crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
+    def crisp_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        crisp_db, crisp, crisp_run = _pipeline_resources(context)
         store = _store(crisp_db, config)
         with _holding_activation(context, crisp_db, config, crisp_run, "crisp_snapshot"):
             prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
-                                   source(crisp_db))
+                                   source(context))
             prepare.through("segment")
             changes, rekeyed, report, reconciled = prepare.snapshot()
         for change in changes:
@@ -349,16 +386,16 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
             "reconcile": dg.MetadataValue.json(reconciled.as_metadata()),
         })
 
-    @dg.asset(key=key("change_set"), deps=[crisp_snapshot], kinds={"polars", "duckdb"},
-              **common, description="Per person: create, update (changed fields, old and new "
+    @dg.asset(key=key("change_set"), deps=[crisp_snapshot], kinds={"polars", _state_kind()},
+              required_resource_keys=reading, **common, description="Per person: create, update (changed fields, old and new "
               "values), delete, release or skip (with the reason). History in "
               "`change_set_history`.")
-    def change_set(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                   crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
+    def change_set(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        crisp_db, crisp, crisp_run = _pipeline_resources(context)
         store = _store(crisp_db, config)
         with _holding_activation(context, crisp_db, config, crisp_run, "change_set"):
             prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
-                                   source(crisp_db))
+                                   source(context))
             prepare.through("crisp_snapshot")
             planned = prepare.change_set()
             return dg.MaterializeResult(metadata={
@@ -386,11 +423,12 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
                       "delete_fraction": round(verdict.fraction, 4),
                       "override_guards": crisp_run.override_guards})
 
-    @dg.asset(key=key("crisp_sync"), deps=[change_set], kinds={"crisp", "api"}, **common,
+    @dg.asset(key=key("crisp_sync"), deps=[change_set], kinds={"crisp", "api"},
+              required_resource_keys=reading, **common,
               description="Applies this run's change set to Crisp; only confirmed writes enter "
               "the snapshot. Per-person outcomes in table `outcomes`.")
-    def crisp_sync(context: dg.AssetExecutionContext, crisp_db: DuckDBResource,
-                   crisp: CrispResource, crisp_run: CrispRunOptions) -> dg.MaterializeResult:
+    def crisp_sync(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        crisp_db, crisp, crisp_run = _pipeline_resources(context)
         store, run_id = _store(crisp_db, config), context.run.run_id
 
         def progress(done: int, total: int, seconds: float) -> None:
@@ -400,7 +438,7 @@ def build_activation_defs(config: ActivationConfig) -> dg.Definitions:
 
         with _holding_activation(context, crisp_db, config, crisp_run, "crisp_sync"):
             prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
-                                   source(crisp_db))
+                                   source(context))
             recomputed = prepare.through("change_set")
             try:
                 deadline = (time.monotonic() + crisp_run.sync_deadline_minutes * 60
@@ -460,17 +498,18 @@ def source_asset(config: ActivationConfig) -> tuple[dg.AssetKey, list[dg.AssetSp
             raise ValueError(f"activation {config.name!r}: segment.upstream names one of its "
                              "own assets; name the asset the segment reads")
         return dg.AssetKey(segment.upstream), []
+    where = _warehouse_kind(config)
     if segment.table:
         parts = segment.table.split(".")
         if len(parts) == 2 and parts[0] == DEFAULT_SCHEMAS.get(segment.warehouse):
             parts = parts[1:]  # `public.customers` and `customers` are one table
-        key = dg.AssetKey([segment.warehouse, *parts])
-        description = f"Table {segment.table} in {segment.warehouse}, read by segments."
+        key = dg.AssetKey([where, *parts])
+        description = f"Table {segment.table} in {where}, read by segments."
     else:
-        key = dg.AssetKey([segment.warehouse, f"{config.name}_query"])
+        key = dg.AssetKey([where, f"{config.name}_query"])
         description = (f"The rows the segment query of {config.name!r} reads in "
-                       f"{segment.warehouse}:\n\n```sql\n{segment.sql}\n```")
-    return key, [dg.AssetSpec(key, kinds={segment.warehouse}, description=description)]
+                       f"{where}:\n\n```sql\n{segment.sql}\n```")
+    return key, [dg.AssetSpec(key, kinds={where}, description=description)]
 
 
 def _stage(store: StateStore, config: ActivationConfig, source: SegmentSource, run_id: str):
@@ -618,12 +657,12 @@ def _schedule(config: ActivationConfig, job: Any) -> dg.ScheduleDefinition:
 
 def _source_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
     @dg.sensor(name=f"{config.name}_source_sensor", job=job, minimum_interval_seconds=60,
+               required_resource_keys={"crisp_db", *_source_resource_keys(config)},
                description=f"Syncs {config.name!r} when its watermark query's value changes "
                "(to any value, including one seen before).")
-    def source_sensor(context: dg.SensorEvaluationContext, crisp_db: DuckDBResource):
+    def source_sensor(context: dg.SensorEvaluationContext):
         try:
-            watermark = segment_source(config.segment, config.name,
-                                       _duckdb_connector(crisp_db)).watermark()
+            watermark = _source_of(config, context.resources).watermark()
         except SegmentSourceError as error:
             return dg.SkipReason(str(error))
         if watermark is None:

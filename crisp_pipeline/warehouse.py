@@ -3,7 +3,8 @@
 A `SegmentSource` reads the segment's rows as a Polars frame and, when asked, a cheap
 watermark whose change means the rows may have changed (for the source sensor).
 `DuckDBSource` is the embedded default; `crisp_pipeline.adbc.AdbcSource` reads from Postgres
-or any database with an ADBC driver.
+or any database with an ADBC driver; `crisp_pipeline.warehouse_resource.ResourceSource`
+through a warehouse resource of the user's Dagster project.
 """
 
 from __future__ import annotations
@@ -60,11 +61,17 @@ class DuckDBSource:
 
 
 def segment_source(query: SegmentQuery, activation: str, duckdb_connect: Connect,
-                   needed: list[str] | None = None) -> SegmentSource:
-    """The activation's `SegmentSource`: DuckDB through the pipeline's own file, or ADBC
-    (`crisp_pipeline.adbc`). `needed`: the columns the activation reads."""
+                   needed: list[str] | None = None, resource: object | None = None
+                   ) -> SegmentSource:
+    """The activation's `SegmentSource`: DuckDB through the pipeline's own file, ADBC
+    (`crisp_pipeline.adbc`), or the user's Dagster `resource` (`warehouse_resource`).
+    `needed`: the columns the activation reads."""
     if query.warehouse == "duckdb":
         return DuckDBSource(duckdb_connect, query, activation)
+    if query.warehouse == "resource":
+        from crisp_pipeline.warehouse_resource import ResourceSource
+
+        return ResourceSource(resource, query, activation, needed)
     from crisp_pipeline.adbc import AdbcSource  # (it imports this module's error)
 
     return AdbcSource(query.adbc_driver or ADBC_DRIVERS[query.warehouse], query, activation,

@@ -32,6 +32,18 @@ def job_from_env() -> dg.JobDefinition:
     return definitions.resolve_job_def(f"{config.name}_job")
 
 
+def reconstructable_job() -> dg.ReconstructableJob:
+    """`dg.reconstructable(job_from_env)` as the environment says now. Dagster keeps the last
+    job it reconstructed (`ReconstructableJob.get_definition` is an lru_cache keyed by the
+    code pointer, the same for every test): without forgetting it, a second test in the
+    process would run the first test's job, its resources and its warehouse file included."""
+    from dagster._core.definitions.reconstruct import ReconstructableJob
+
+    ReconstructableJob.get_definition.cache_clear()
+    ReconstructableJob.get_repository_definition.cache_clear()
+    return dg.reconstructable(job_from_env)
+
+
 def failure_text(result) -> str:
     return "\n".join(
         event.step_failure_data.error.message if event.step_failure_data.error

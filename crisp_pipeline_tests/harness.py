@@ -31,13 +31,16 @@ def crisp_env(monkeypatch: pytest.MonkeyPatch, emulator: RunningEmulator, token=
 
 class Pipeline:
     def __init__(self, emulator: RunningEmulator, db_path: str, config: ActivationConfig,
-                 instance: dg.DagsterInstance | None = None) -> None:
+                 instance: dg.DagsterInstance | None = None,
+                 resources: dict | None = None) -> None:
+        """`resources`: the user's own, beside the pipeline's (e.g. a warehouse resource)."""
         self.emulator = emulator
         self.db_path = db_path
         self.config = config
         self.instance = instance or dg.DagsterInstance.ephemeral()
-        self.defs = dg.Definitions.merge(build_activation_defs(config),
-                                         dg.Definitions(resources=default_resources(db_path)))
+        self.defs = dg.Definitions.merge(
+            build_activation_defs(config),
+            dg.Definitions(resources={**default_resources(db_path), **(resources or {})}))
         self.job = self.defs.resolve_job_def(f"{config.name}_job")
         self.store = StateStore(connect_state(db_path), config.state_schema,
                                 config.website_id or WEBSITE)

@@ -17,7 +17,7 @@ import polars as pl
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.emulator import FaultPlan, ForcedAnswer
 
-from .concurrent_child import job_from_env
+from .concurrent_child import reconstructable_job
 from .conftest import OTHER_WEBSITE, WEBSITE
 from .harness import Pipeline, crisp_env
 from .test_mirror_trust import (EXTERNAL, Child, children, deletes_since, mark, people_ids,
@@ -39,7 +39,7 @@ def test_a_reexecution_from_a_failed_snapshot_step_reads_the_source_again(
                             attributes=["plan"], guards=LOOSE)
     monkeypatch.setenv("TRUST_ACTIVATION", pipeline.config.model_dump_json())
     monkeypatch.setenv("TRUST_DB", pipeline.db_path)
-    job = dg.reconstructable(job_from_env)
+    job = reconstructable_job()
     newcomer = [{"email": "new@x.io", "plan": "pro"}]
     with dg.instance_for_test() as instance:
         pipeline.load(everyone())

@@ -36,7 +36,7 @@ from crisp_pipeline.emulator import FaultPlan, ForcedAnswer, RunningEmulator
 from crisp_pipeline.state.budget import spent_today
 from crisp_pipeline.state.store import connect_state
 
-from .concurrent_child import job_from_env
+from .concurrent_child import reconstructable_job
 from .conftest import OTHER_WEBSITE, PLUGIN, WEBSITE, WEBSITE_TOKEN
 from .harness import Pipeline, crisp_env
 
@@ -557,7 +557,7 @@ def test_reexecuting_a_failed_sync_does_not_apply_a_deletion_planned_before_the_
                             attributes=["plan"], guards=LOOSE)
     monkeypatch.setenv("TRUST_ACTIVATION", pipeline.config.model_dump_json())
     monkeypatch.setenv("TRUST_DB", pipeline.db_path)
-    job = dg.reconstructable(job_from_env)
+    job = reconstructable_job()
     everyone = [{"email": f"{n}@x.io", "plan": "pro"}
                 for n in ["bob", "ada", "cid", "dan", "eve", "fay", "gus", "hal"]]
     with dg.instance_for_test() as instance:

@@ -185,6 +185,11 @@ def _problems(frame: pl.DataFrame, config: ActivationConfig,
          pl.lit(f"{email_column} is empty: Crisp identifies people by email")),
         (email_column, "invalid_email", invalid_email,
          pl.format("{} is not a valid email address", pl.col(email_column).cast(pl.String))),
+        (identifier_column, "control_character",  # (an email identifier: invalid_email)
+         pl.col(_IDENTIFIER).str.contains("[\x00-\x1f\x7f]").fill_null(False)
+         & pl.lit(identifier_column != email_column),
+         pl.lit(f"{identifier_column} holds a control character (a NUL, a tab...): no "
+                "identifier can")),
     ]
     for field, column in config.managed_columns.items():
         value, kind = values[field], crisp_fields.kind_of(field)

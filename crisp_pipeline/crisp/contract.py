@@ -85,7 +85,9 @@ STOP_RUN_REASONS: Final = frozenset({Reason.NOT_SUBSCRIBED, Reason.RESTRICTED_RO
 
 # Validation (§4.3 confirmed, §7 assumed).
 DATA_KEY_PATTERN: Final = re.compile(r"^[a-z0-9_-]{1,64}$")  # H-DATA rule; length ASSUMPTION
-EMAIL_PATTERN: Final = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")  # ASSUMPTION
+# ASSUMPTION; no control character either (a NUL cannot even be stored in Postgres text)
+EMAIL_PATTERN: Final = re.compile(
+    r"^[^@\s\x00-\x1f\x7f]+@[^@\s.\x00-\x1f\x7f]+(\.[^@\s.\x00-\x1f\x7f]+)+$")
 MAX_EMAIL_LENGTH: Final = 255  # ASSUMPTION
 MAX_STRING_LENGTH: Final = 255  # ASSUMPTION: nickname and other profile strings
 MAX_NOTEPAD_LENGTH: Final = 10_000  # ASSUMPTION

@@ -11,8 +11,13 @@ share. What differs is translated here, in one place:
 - an `insert`, `update` or `delete` answers its row count, as DuckDB's do;
 - 64-bit hashes (`*_hash` columns) are unsigned in Polars and DuckDB and signed in Postgres:
   stored with the same bits, read back unsigned;
-- `create schema/table if not exists` run one at a time (an advisory lock): Postgres lets two
-  sessions race on them and one fails with a duplicate key.
+- `create schema/table if not exists` are skipped when the schema or table exists (a role
+  without the CREATE privilege, its schemas made by a DBA, still works), and otherwise run one
+  at a time (an advisory lock): Postgres lets two sessions race on them and one fails with a
+  duplicate key;
+- text cannot hold a NUL character in Postgres: one in a registered frame (only rejected
+  rows' texts can hold one: normalisation rejects it in identifiers and emails) becomes U+FFFD;
+- names are at most 63 bytes (Postgres cuts longer ones): `check_name_lengths`.
 
 ADBC rather than psycopg: frames go in and out as Arrow, with no per-row Python work, and the
 driver is already the project's Postgres source (`adbc-driver-postgresql`).
@@ -38,16 +43,37 @@ URL_ENV = "CRISP_PIPELINE_STATE_URL"
 DDL_LOCK = 0x637269737064646C  # "crispddl"
 NAMED_LOCK_SPACE = 0x63726973  # "cris": with hashtext(name), see `serialize`
 
+MAX_NAME_BYTES = 63  # Postgres's NAMEDATALEN - 1
+
 _DML = re.compile(r"^\s*(insert|update|delete)\b", re.IGNORECASE)
 _RETURNING = re.compile(r"\breturning\b", re.IGNORECASE)
-_RACY_DDL = re.compile(r"^\s*create\s+(schema|table)\s+if\s+not\s+exists\b", re.IGNORECASE)
+_RACY_DDL = re.compile(r"^\s*create\s+(schema|table)\s+if\s+not\s+exists\s+"
+                       r"((?:\"(?:[^\"]|\"\")*\"|[\w.])+)", re.IGNORECASE)
 _TRANSACTION = re.compile(r"^\s*(begin|commit|rollback)\s*$", re.IGNORECASE)
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+
+def _unquoted(sql: str) -> str:
+    """The SQL with its quoted texts and names emptied (a name may hold any word)."""
+    return _QUOTED.sub("''", sql)
+
+
+def check_name_lengths(names: list[str], what: str) -> None:
+    """Postgres silently cuts names longer than 63 bytes: two fields would become one column,
+    and a lookup by the full name would never find it. Refused, naming the field."""
+    for name in names:
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(
+                f"{what} {name!r} is {len(name.encode())} bytes long; with the state in "
+                f"Postgres ({URL_ENV}) a name is at most {MAX_NAME_BYTES} bytes: use a "
+                "shorter key (`attributes: [{column: ..., key: ...}]`)")
 
 
 def numbered_placeholders(sql: str) -> str:
     """`?` placeholders as `$1`, `$2`...; a `?` inside '...' or "..." is text, not a
-    placeholder. SQL already numbered is left alone."""
-    if re.search(r"\$\d", sql):
+    placeholder. SQL already numbered is left alone. (Comments and dollar-quoted strings are
+    not understood: the store writes neither.)"""
+    if re.search(r"\$\d", _unquoted(sql)):
         return sql
     out, number, quote_char = [], 0, ""
     for char in sql:
@@ -75,6 +101,8 @@ def _for_postgres(frame: pl.DataFrame) -> pl.DataFrame:
             casts[name] = pl.col(name).cast(pl.Int64)
         elif dtype == pl.Null:
             casts[name] = pl.col(name).cast(pl.String)
+        elif dtype == pl.String:
+            casts[name] = pl.col(name).str.replace_all("\x00", "\ufffd", literal=True)
     return frame.with_columns(**casts) if casts else frame
 
 
@@ -101,10 +129,11 @@ class PostgresConnection:
     def execute(self, sql: str, params: list | tuple | None = None) -> PostgresConnection:
         if _TRANSACTION.match(sql):
             self.in_transaction = sql.strip().lower() == "begin"
-        elif _RACY_DDL.match(sql):
-            return self._ddl_in_turn(sql, params)
+        elif (ddl := _RACY_DDL.match(sql)) is not None:
+            return self._ddl_in_turn(sql, params, ddl.group(1).lower(), ddl.group(2))
         statement = numbered_placeholders(sql)
-        counting = bool(_DML.match(statement)) and not _RETURNING.search(statement)
+        bare = _unquoted(statement)
+        counting = bool(_DML.match(bare)) and not _RETURNING.search(bare)
         if counting:  # as DuckDB: a write answers how many rows it touched
             statement = (f"with changed as ({statement} returning 1) "
                          "select count(*) from changed")
@@ -113,7 +142,18 @@ class PostgresConnection:
         self._has_result = self._cursor.description is not None
         return self
 
-    def _ddl_in_turn(self, sql: str, params) -> PostgresConnection:
+    def _exists(self, kind: str, name: str) -> bool:
+        if kind == "schema":
+            self._cursor.execute("select count(*) from pg_namespace where nspname = $1",
+                                 [name.strip('"').replace('""', '"')])
+        else:
+            self._cursor.execute("select to_regclass($1) is not null", [name])
+        return bool(self._cursor.fetchone()[0])
+
+    def _ddl_in_turn(self, sql: str, params, kind: str, name: str) -> PostgresConnection:
+        self._has_result, self._rows = False, None
+        if self._exists(kind, name):
+            return self
         if self.in_transaction:
             self._cursor.execute(f"select pg_advisory_xact_lock({DDL_LOCK})")
             self._cursor.execute(sql, list(params) if params else None)
@@ -157,9 +197,23 @@ class PostgresConnection:
     def unregister(self, name: str) -> None:
         self._cursor.execute(f'drop table if exists pg_temp."{name}"')
 
+    def alive(self) -> bool:
+        """Whether the server still answers on this connection (a restart, a failover or an
+        idle timeout ends sessions behind the pool's back)."""
+        try:
+            self._cursor.execute("select 1")
+            self._cursor.fetchall()
+        except Exception:  # noqa: BLE001 (any failure: not usable)
+            return False
+        return True
+
     def close(self) -> None:
         self._cursor.close()
         self._raw.close()
+
+
+# connections a forked child inherited from its parent: never used, never closed
+_INHERITED: list[PostgresConnection] = []
 
 
 def serialize(connection, name: str) -> None:
@@ -182,12 +236,21 @@ class _Pool:
         self.lock = threading.Lock()
 
     def take(self) -> PostgresConnection:
-        with self.lock:
-            if self.pid != os.getpid():  # a forked child: the parent's sockets are not ours
-                self.idle, self.pid = [], os.getpid()
-            if self.idle:
-                return self.idle.pop()
-        return open_postgres(self.url)
+        """An idle connection that still answers, else a new one."""
+        while True:
+            with self.lock:
+                if self.pid != os.getpid():
+                    # a forked child: the parent's sockets are not ours, and closing them
+                    # (even by garbage collection) would end the parent's sessions
+                    _INHERITED.extend(self.idle)
+                    self.idle, self.pid = [], os.getpid()
+                connection = self.idle.pop() if self.idle else None
+            if connection is None:
+                return open_postgres(self.url)
+            if connection.alive():
+                return connection
+            with contextlib.suppress(Exception):
+                connection.close()
 
     def give_back(self, connection: PostgresConnection) -> None:
         with self.lock:
@@ -236,20 +299,21 @@ def connect_postgres(url: str) -> Connect:
     @contextlib.contextmanager
     def connect() -> Iterator[PostgresConnection]:
         connection = pool.take()
-        healthy = True
         try:
             yield connection
-        except BaseException:
-            try:
-                if connection.in_transaction:
-                    connection.execute("rollback")
-            except Exception:  # noqa: BLE001 (a broken connection: drop it)
-                healthy = False
-            raise
-        finally:
-            if healthy:
-                pool.give_back(connection)
-            else:
+        except BaseException as error:
+            if not connection.alive():  # the session is gone: drop it, say so
                 with contextlib.suppress(Exception):
                     connection.close()
+                if isinstance(error, Exception) and not isinstance(error, StateUnavailable):
+                    raise StateUnavailable(
+                        f"the Postgres state ({URL_ENV}) was lost mid-use: "
+                        f"{redact(str(error), url)}") from None
+                raise
+            with contextlib.suppress(Exception):  # (outside a transaction: a warning only)
+                connection.execute("rollback")
+            connection.in_transaction = False
+            pool.give_back(connection)
+            raise
+        pool.give_back(connection)
     return connect

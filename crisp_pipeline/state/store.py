@@ -522,6 +522,9 @@ class StateStore:
             accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash"))
         table = self.table("segment")
         with self._transaction() as connection:
+            if self._dialect == "postgres":
+                from .postgres import check_name_lengths
+                check_name_lengths(fields, "field")
             if kept is None:
                 deleted = (connection.execute(f"select count(*) from {table}").fetchone()[0]
                            if self._exists(connection, "segment") else 0)
@@ -588,6 +591,9 @@ class StateStore:
         """The snapshot table, with identity enforced by the database: per website, one row
         per identifier and one identifier per Crisp person."""
         snapshot = self.table("snapshot")
+        if self._dialect == "postgres":
+            from .postgres import check_name_lengths
+            check_name_lengths(fields, "field")
         if self._exists(connection, "snapshot") and \
                 "website_id" not in self._columns(connection, "snapshot"):
             self._migrate_snapshot(connection)
@@ -755,12 +761,18 @@ class StateStore:
             return set()
         held: set[str] = set()
         with self._session(writing=False) as connection:
-            schemas = connection.execute(
-                "select t.table_schema, bool_or(c.column_name = 'website_id') from "
-                "information_schema.tables t join information_schema.columns c on "
-                "c.table_schema = t.table_schema and c.table_name = t.table_name where "
-                "t.table_name = 'snapshot' and t.table_schema <> ? group by 1",
-                [self.schema]).fetchall()
+            # Postgres's information_schema shows only the tables this role may read: another
+            # team's snapshot must be seen (and its reading fail loudly), never skipped
+            catalog = ("select n.nspname, bool_or(a.attname = 'website_id') from pg_class c "
+                       "join pg_namespace n on n.oid = c.relnamespace join pg_attribute a on "
+                       "a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped where "
+                       "c.relname = 'snapshot' and c.relkind in ('r', 'p') and "
+                       "n.nspname <> ? group by 1" if self._dialect == "postgres" else
+                       "select t.table_schema, bool_or(c.column_name = 'website_id') from "
+                       "information_schema.tables t join information_schema.columns c on "
+                       "c.table_schema = t.table_schema and c.table_name = t.table_name where "
+                       "t.table_name = 'snapshot' and t.table_schema <> ? group by 1")
+            schemas = connection.execute(catalog, [self.schema]).fetchall()
             if not schemas:
                 return held
             connection.register("candidates", pl.DataFrame(
