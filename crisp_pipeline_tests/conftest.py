@@ -90,6 +90,11 @@ def postgres_url(postgres_server) -> Iterator[str]:
         yield url
 
 
+# For a test of a module whose tests run on both backends that proves nothing about the state
+# (value handling, batching...): DuckDB only, to keep CI under 15 minutes.
+duckdb_state_only = pytest.mark.parametrize("state_backend", ["duckdb"], indirect=True)
+
+
 @pytest.fixture(params=["duckdb", "postgres"])
 def state_backend(request, monkeypatch) -> Iterator[str]:
     """Run the test once with the state in the DuckDB file and once in a fresh Postgres

@@ -7,7 +7,9 @@ simply still in the next change set. Re-sending it is safe: a create whose answe
 found by email (adoption, or `people_exists` on the create), never created twice; data merges
 and profile patches are idempotent; a delete of someone already gone counts as done.
 
-`CRISP_CRASH_TRIALS` (default 12, to keep CI under 15 minutes) and `CRISP_CRASH_PEOPLE` (default 1,500) make it larger.
+`CRISP_CRASH_TRIALS` (default 12 with the state in DuckDB, a third of it in Postgres: the same
+code path but for the store's SQL, and CI stays under 15 minutes) and `CRISP_CRASH_PEOPLE`
+(default 1,500) make it larger.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def kill_during_a_run(pipeline: Pipeline, rng: random.Random, run_seconds: float
 
 
 def test_killing_the_sync_at_random_points_never_duplicates_or_loses_anything(
-        emulator, tmp_path, monkeypatch):
+        emulator, tmp_path, monkeypatch, state_backend):
     crisp_env(monkeypatch, emulator)
     # many syncs in one "day": more than a plugin token's 5,000 requests (ours and Crisp's)
     monkeypatch.setenv("CRISP_DAILY_QUOTA", str(10**9))
@@ -65,7 +67,8 @@ def test_killing_the_sync_at_random_points_never_duplicates_or_loses_anything(
     next_id = PEOPLE
     kills = []
     run_seconds = 8.0  # the first sync creates everyone
-    for trial in range(TRIALS):
+    trials = TRIALS if state_backend == "duckdb" else max(TRIALS // 3, 1)
+    for trial in range(trials):
         if trial:  # each trial brings new work: changes, arrivals, departures
             for email in rng.sample(sorted(source), len(source) // 4):
                 source[email] = {**source[email], "plan": rng.choice(["a", "b", "c", "d"]),
@@ -94,5 +97,5 @@ def test_killing_the_sync_at_random_points_never_duplicates_or_loses_anything(
     statuses = {e.status for e in emulator.emulator.requests()}
     assert 409 in statuses or any(k > 0 for k in kills)
     # the kills landed at many different moments of the runs
-    assert len(set(kills)) >= TRIALS // 2, kills
-    print(f"{TRIALS} kills survived, after {sorted(kills)} requests of the killed runs")
+    assert len(set(kills)) >= trials // 2, kills
+    print(f"{trials} kills survived, after {sorted(kills)} requests of the killed runs")

@@ -37,7 +37,7 @@ from crisp_pipeline.state.budget import spent_today
 from crisp_pipeline.state.store import connect_state
 
 from .concurrent_child import reconstructable_job
-from .conftest import OTHER_WEBSITE, PLUGIN, WEBSITE, WEBSITE_TOKEN
+from .conftest import duckdb_state_only, OTHER_WEBSITE, PLUGIN, WEBSITE, WEBSITE_TOKEN
 from .harness import Pipeline, crisp_env
 
 pytestmark = pytest.mark.usefixtures("state_backend")
@@ -197,6 +197,7 @@ def wait_for_first_request(emulator: RunningEmulator, since: int, child: Child,
 
 
 @pytest.mark.parametrize("second_email", ["shared@x.io", "SHARED@x.io"])
+@duckdb_state_only
 def test_two_external_ids_sharing_an_email_are_both_rejected_and_nobody_is_created(
         emulator, tmp_path, monkeypatch, second_email):
     pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="shared", mode="mirror",
@@ -268,6 +269,7 @@ def test_changing_the_identifier_rekeys_people_without_deleting_or_recreating_an
 # ---------------------------------------------------------------- 3. identifier went missing
 
 
+@duckdb_state_only
 def test_a_row_whose_email_went_blank_does_not_delete_the_person(emulator, tmp_path, monkeypatch):
     pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="blank", mode="mirror",
                             fields={"person.nickname": "name"}, attributes=["plan"],
@@ -293,6 +295,7 @@ def test_a_row_whose_email_went_blank_does_not_delete_the_person(emulator, tmp_p
     pipeline.assert_snapshot_matches_crisp()
 
 
+@duckdb_state_only
 def test_rows_that_never_had_an_email_do_not_stall_a_real_departure(
         emulator, tmp_path, monkeypatch):
     """Guards the fix against holding every deletion forever: only *new* ambiguity holds."""
@@ -591,6 +594,7 @@ def test_reexecuting_a_failed_sync_does_not_apply_a_deletion_planned_before_the_
 # adopted people, rolling window, grace runs
 
 
+@duckdb_state_only
 def test_new_setting_on_leave_release_keeps_the_person_in_crisp_and_stops_managing_them(
         emulator, tmp_path, monkeypatch):
     pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="release", mode="mirror",
@@ -624,6 +628,7 @@ def _adopted_setup(emulator, tmp_path, monkeypatch, **mirror):
     return pipeline, ids
 
 
+@duckdb_state_only
 def test_mirror_by_default_releases_an_adopted_person_who_leaves_instead_of_deleting_them(
         emulator, tmp_path, monkeypatch):
     """Default `mirror.delete_adopted: false` (an ActivationConfig that main accepts)."""
@@ -635,6 +640,7 @@ def test_mirror_by_default_releases_an_adopted_person_who_leaves_instead_of_dele
     assert audit["old@x.io"].get("action") == "released", audit
 
 
+@duckdb_state_only
 def test_new_setting_delete_adopted_true_deletes_an_adopted_person_who_leaves(
         emulator, tmp_path, monkeypatch):
     _, before = _adopted_setup(emulator, tmp_path, monkeypatch,

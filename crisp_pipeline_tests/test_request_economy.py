@@ -15,7 +15,7 @@ from crisp_pipeline.emulator import FaultPlan
 from crisp_pipeline.state.budget import spent_today
 from crisp_pipeline.state.store import connect_state, now
 
-from .conftest import OTHER_WEBSITE, WEBSITE
+from .conftest import duckdb_state_only, OTHER_WEBSITE, WEBSITE
 from .harness import Pipeline, crisp_env
 
 pytestmark = pytest.mark.usefixtures("state_backend")
@@ -38,6 +38,7 @@ def seed_managed_people(pipeline: Pipeline, count: int, website: str = WEBSITE) 
                            pipeline.fields)
 
 
+@duckdb_state_only
 def test_ten_thousand_people_moved_to_five_plans_take_a_few_dozen_requests(
         emulator, tmp_path, monkeypatch):
     crisp_env(monkeypatch, emulator)
@@ -57,6 +58,7 @@ def test_ten_thousand_people_moved_to_five_plans_take_a_few_dozen_requests(
     pipeline.assert_snapshot_matches_crisp()
 
 
+@duckdb_state_only
 def test_batching_ends_in_the_same_crisp_state_as_one_by_one_writes(
         emulator, tmp_path, monkeypatch):
     """Creates and updates, shared and individual values, clears: two websites, one synced
