@@ -202,7 +202,9 @@ class ActivationConfig(_Model):
     order: tuple[Phase, Phase, Phase] = Field(
         default=("delete", "update", "create"),
         description="The order in which a run spends its requests; when the daily budget "
-        "runs out, what comes last waits for the next run.")
+        "runs out, what comes last waits for the next run.",
+        # (a plain array in the YAML schema: editors and dg's sample YAML read `items`)
+        json_schema_extra={"items": {"enum": ["delete", "update", "create"]}})
     batch_size: Annotated[int, Field(ge=1, le=contract.MAX_BATCH_PROFILES)] = \
         contract.MAX_BATCH_PROFILES
     history_days: Annotated[float, Field(ge=0)] = Field(

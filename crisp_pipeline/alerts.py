@@ -6,7 +6,7 @@ resource names (default CRISP_ALERT_WEBHOOK_URL; a Slack incoming-webhook URL wo
 since the message's `text` is what Slack shows). Each alert is one JSON POST:
 `{"text", "event", "activation", "run_id", "run_url", "counts"}`. Sending is best effort: an
 alert that cannot be delivered is logged, never fails the run (the run's own outcome stands).
-No Dagster import here: the resource and the sensor live in `component.py`.
+No Dagster import here: the resource and the sensor live in `orchestration/`.
 """
 
 from __future__ import annotations

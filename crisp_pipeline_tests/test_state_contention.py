@@ -87,7 +87,7 @@ def test_the_warehouse_resource_connects_while_a_run_keeps_the_state_open(tmp_pa
     the state is kept open with the settings of DuckDBResource.get_connection()."""
     from dagster_duckdb import DuckDBResource
 
-    from crisp_pipeline.component import _connector
+    from crisp_pipeline.orchestration.resources import state_connector as _connector
 
     resource = DuckDBResource(database=str(tmp_path / "w.duckdb"))
     connect = _connector(resource)

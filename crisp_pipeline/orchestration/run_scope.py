@@ -1,0 +1,105 @@
+"""What holds across an activation's run: one run per activation at a time (the lock in the
+state store, `state.locks`), taken by every step and given back by the last, and the state
+file kept open from the first step to the last."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.state import locks
+from crisp_pipeline.state.store import StateStore
+
+from .resources import CrispRunOptions, state_connector
+
+IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+               dg.DagsterRunStatus.CANCELING]
+
+STEPS = ("segment", "crisp_snapshot", "change_set", "crisp_sync")
+
+
+def _is_last_step(context: Any, config: ActivationConfig, step: str) -> bool:
+    """Whether `step` is the last of the activation's steps this run executes (a run may
+    select only some of them, or re-execute from a failed one)."""
+    planned = context.run.step_keys_to_execute
+    own = str(context.node_handle)  # `<key prefix>__<name>__<step>`
+    base = own[:-len(step)] if own.endswith(step) else f"{config.name}__"
+    mine = [s for s in STEPS if planned is None or f"{base}{s}" in planned]
+    return not mine or mine[-1] == step
+
+
+@contextlib.contextmanager
+def holding_activation(context: Any, db: DuckDBResource, config: ActivationConfig,
+                        options: "CrispRunOptions", step: str) -> Iterator[None]:
+    """Hold the activation's lock in the state store for this run (see `state.locks`); give
+    it back when the step fails (the run goes no further) or when the run's last step ends."""
+    connect, run_id = state_connector(db), context.run.run_id
+    try:
+        locks.acquire(connect, config.name, run_id, wait_seconds=options.lock_wait_seconds,
+                      run_active=run_active(context))
+    except locks.ActivationLocked as error:
+        raise dg.Failure(description=str(error)) from None
+    try:
+        _keep_open_for_run(connect, run_id, config.name)
+        yield
+    except BaseException:
+        _let_go(connect, config.name, run_id)
+        raise
+    if _is_last_step(context, config, step):
+        _let_go(connect, config.name, run_id)
+
+
+# The state file kept open from an activation's first step of a run to its last (steps run
+# one after another in one process with the activation job's executor): see
+# `state.store.file_kept_open`, which also lets it go while idle or after a long stretch, so
+# that other processes get their turn.
+_OPEN_FOR_RUN: dict[tuple[str, str], contextlib.ExitStack] = {}
+
+
+def _keep_open_for_run(connect: Any, run_id: str, name: str) -> None:
+    if (run_id, name) not in _OPEN_FOR_RUN:
+        kept = contextlib.ExitStack()
+        kept.enter_context(connect.kept_open())
+        _OPEN_FOR_RUN[(run_id, name)] = kept
+
+
+def _let_go(connect: Any, name: str, run_id: str) -> None:
+    """The run goes no further: its lock is given back and its file let go."""
+    try:
+        locks.release(connect, name, run_id)
+    finally:
+        kept = _OPEN_FOR_RUN.pop((run_id, name), None)
+        if kept is not None:
+            kept.close()
+
+
+def run_active(context: Any):
+    """Whether a run is in progress, as this Dagster instance knows it (None: unknown)."""
+    def active(holder: str) -> bool | None:
+        record = context.instance.get_run_by_id(holder.split("/")[0])
+        return None if record is None else record.status in IN_PROGRESS
+    return active
+
+
+def website_lock(context: Any, db: DuckDBResource, store: StateStore,
+                  config: ActivationConfig, options: "CrispRunOptions"):
+    """The website's lock (see `state.locks`): a mirror's deletes and adoptions by any
+    activation on the website never overlap, even within one run ("Materialize all" runs
+    every activation in one run), so it is held by the run *and* the activation."""
+    def hold():
+        return locks.holding(state_connector(db), locks.website_lock_name(store.website_id or ""),
+                             f"{context.run.run_id}/{config.name}",
+                             wait_seconds=options.lock_wait_seconds,
+                             run_active=run_active(context))
+    return hold
+
+
+def release_activation(context: Any, db: DuckDBResource, config: ActivationConfig) -> None:
+    """A blocking check failed: the run stops here, so its lock is given back."""
+    _let_go(state_connector(db), config.name, context.run.run_id)
