@@ -4,7 +4,7 @@
 `defs.yaml` resolves (dg looks component types up in the registry modules).
 """
 
-from .component import CrispActivation
+from .component import CrispActivation, pipeline_definitions
 
 __version__ = "0.1.0"
-__all__ = ["CrispActivation"]
+__all__ = ["CrispActivation", "pipeline_definitions"]

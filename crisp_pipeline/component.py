@@ -134,6 +134,17 @@ def scaffolded_yaml(type_name: str, name: str, params: ScaffoldParams) -> str:
         """) + mirror
 
 
+def pipeline_definitions(db_path: str | None = None) -> dg.Definitions:
+    """What a project using `CrispActivation` merges once into its definitions: the
+    pipeline's resources (`crisp_db`, `crisp`, `crisp_run`) and the in-process executor.
+
+    The executor matters beyond speed: "Materialize" and "Materialize all" launch the
+    code location's implicit job, which otherwise runs each step in its own process (a
+    newsletter sync took 54.6 s instead of 3-4 s) and lets an activation's state file be
+    opened by several processes at once."""
+    return dg.Definitions(resources=default_resources(db_path), executor=dg.in_process_executor)
+
+
 @dg.scaffold_with(CrispActivationScaffolder)
 class CrispActivation(dg.Component):
     """One segment synced to one Crisp website in one mode: four assets (segment,
@@ -165,4 +176,4 @@ class CrispActivation(dg.Component):
 
 __all__ = ["DEFAULT_DB", "AssetPresentation", "CrispActivation", "CrispActivationModel",
            "CrispResource", "CrispRunOptions", "Mode", "build_activation_defs",
-           "default_resources", "pipeline_db"]
+           "default_resources", "pipeline_db", "pipeline_definitions"]

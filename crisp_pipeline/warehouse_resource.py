@@ -25,7 +25,9 @@ from crisp_pipeline.warehouse import SegmentSourceError
 
 
 def _from_cursor(cursor: Any) -> pa.Table:
-    if hasattr(cursor, "fetch_arrow_table"):  # ADBC, DuckDB
+    if hasattr(cursor, "to_arrow_table"):  # DuckDB (fetch_arrow_table: deprecated there)
+        return cursor.to_arrow_table()
+    if hasattr(cursor, "fetch_arrow_table"):  # ADBC
         return cursor.fetch_arrow_table()
     if hasattr(cursor, "fetch_arrow_all"):  # Snowflake's connector: None for no rows, unless
         try:                                # (since 3.?) asked for an empty table

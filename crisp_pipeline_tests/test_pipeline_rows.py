@@ -134,7 +134,13 @@ def test_a_dry_run_plans_everything_and_sends_no_write(emulator, tmp_path, monke
     result = pipeline.run(dry_run=True)
     assert pipeline.writes_of_last_run() == 0 and pipeline.crisp() == {}
     assert pipeline.metadata(result, "change_set")["creates"] == 5
-    assert pipeline.metadata(result, "crisp_sync")["dry_run"] is True
+    # seen, not synced: an observation of crisp_sync, no materialization, a tagged run
+    assert pipeline.metadata(result, "crisp_sync") == {}
+    observed = [e.asset_observation_data.asset_observation for e in result.all_events
+                if e.event_type_value == "ASSET_OBSERVATION"]
+    assert [o.metadata["dry_run"].value for o in observed] == [True]
+    assert pipeline.instance.get_run_by_id(result.run_id).tags["crisp/dry_run"] == "true"
+    assert not pipeline.checks(result).get("no_failed_writes")
     pipeline.run()
     assert len(pipeline.crisp()) == 5
 

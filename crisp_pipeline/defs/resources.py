@@ -1,10 +1,12 @@
-"""The resources every activation uses: the DuckDB file, Crisp, and the per-run options."""
+"""What every activation of this project shares: the resources (the DuckDB file, Crisp, the
+per-run options) and the in-process executor, so that "Materialize" and "Materialize all"
+run an activation as its job does (see `crisp_pipeline.pipeline_definitions`)."""
 
 import dagster as dg
 
-from crisp_pipeline.component import default_resources
+from crisp_pipeline.component import pipeline_definitions
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources=default_resources())
+    return pipeline_definitions()

@@ -10,7 +10,8 @@ from typing import Any
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline import alerts
+from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.changes.normalize import SegmentSchemaError
 from crisp_pipeline.crisp import CrispError, StopRun
 from crisp_pipeline.state import locks
@@ -29,10 +30,10 @@ from crisp_pipeline.sync.reconcile import ReconcileReport, reconcile_snapshot
 from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_set
 from crisp_pipeline.warehouse import SegmentSource, SegmentSourceError
 
-from .automation import activation_schedule, watermark_sensor
+from .automation import activation_schedule, failure_alert_sensor, watermark_sensor
 from .metadata import (change_set_metadata, column_schema, preview, rejected_rows,
-                       segment_verdict, verdict_of)
-from .resources import (CrispResource, CrispRunOptions, pipeline_resources, settings_factory,
+                       segment_verdict, sync_metadata, verdict_of)
+from .resources import (CrispAlerts, CrispResource, CrispRunOptions, pipeline_resources, settings_factory,
                         source_of, source_resource_keys, state_connector, state_kind,
                         state_store, warehouse_kind)
 from .run_scope import STEPS, holding_activation, release_activation, website_lock
@@ -68,7 +69,7 @@ def build_activation_defs(config: ActivationConfig,
     # The steps that may read the source name their resources in the decorator (not as
     # parameters): a segment read through the user's own warehouse resource needs a resource
     # key known only from the configuration (`segment.resource_key`).
-    reading = {"crisp_db", "crisp", "crisp_run", *source_resource_keys(config)}
+    reading = {"crisp_db", "crisp", "crisp_run", "crisp_alerts", *source_resource_keys(config)}
 
     def source(context: Any) -> SegmentSource:
         return source_of(config, context.resources)
@@ -158,11 +159,17 @@ def build_activation_defs(config: ActivationConfig,
                     "max_deletes / max_delete_fraction (in the run and over the rolling "
                     "window), unless the run overrides its guards.")
     def mirror_guards(context: dg.AssetCheckExecutionContext, crisp_db: DuckDBResource,
-                      crisp_run: CrispRunOptions) -> dg.AssetCheckResult:
+                      crisp_run: CrispRunOptions,
+                      crisp_alerts: CrispAlerts) -> dg.AssetCheckResult:
         verdict = current_verdict(state_store(crisp_db, config), config)
         overridden = not verdict.passed and crisp_run.override_guards
         if not (verdict.passed or overridden):
             release_activation(context.op_execution_context, crisp_db, config)
+            run_id = context.op_execution_context.run.run_id
+            crisp_alerts.send(alerts.Alert(
+                "guard_refused", name, f"{verdict.describe()} Nothing was sent.", run_id,
+                alerts.run_url(crisp_alerts.link_base(), run_id),
+                {"deletes": verdict.deletes, "managed": verdict.managed}))
         return dg.AssetCheckResult(
             passed=verdict.passed or overridden, severity=dg.AssetCheckSeverity.ERROR,
             description=("guards overridden for this run: " if overridden else "")
@@ -173,10 +180,11 @@ def build_activation_defs(config: ActivationConfig,
                       "override_guards": crisp_run.override_guards})
 
     @dg.asset(key=key("crisp_sync"), deps=[change_set], kinds={"crisp", "api", *extra_kinds},
-              required_resource_keys=reading, **common,
+              required_resource_keys=reading, output_required=False, **common,
               description="Applies this run's change set to Crisp; only confirmed writes enter "
-              "the snapshot. Per-person outcomes in table `outcomes`.")
-    def crisp_sync(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+              "the snapshot. Per-person outcomes in table `outcomes`. A dry run records an "
+              "observation, never a materialization: the activation does not look synced.")
+    def crisp_sync(context: dg.AssetExecutionContext):
         crisp_db, crisp, crisp_run = pipeline_resources(context)
         store, run_id = state_store(crisp_db, config), context.run.run_id
 
@@ -202,12 +210,20 @@ def build_activation_defs(config: ActivationConfig,
                     website_lock=website_lock(context, crisp_db, store, config, crisp_run))
             except (GuardRefusal, StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
-        return dg.MaterializeResult(metadata={
-            **{k: (dg.MetadataValue.json(v) if isinstance(v, dict) else v)
-               for k, v in report.as_metadata().items()},
-            "recomputed_change_set": recomputed,
-            "dagster/table_name": f"{config.state_schema}.outcomes",
-        })
+        if not crisp_run.dry_run:
+            for alert in alerts.sync_alerts(
+                    name, report.as_metadata(), run_id=run_id,
+                    webserver_url=context.resources.crisp_alerts.link_base(),
+                    failed_share=context.resources.crisp_alerts.max_failed_share):
+                context.resources.crisp_alerts.send(alert)
+        metadata = {**sync_metadata(report.as_metadata()),
+                    "recomputed_change_set": recomputed,
+                    "dagster/table_name": f"{config.state_schema}.outcomes"}
+        if crisp_run.dry_run:  # seen, not synced
+            context.log_event(dg.AssetObservation(asset_key=key("crisp_sync"),
+                                                  metadata=metadata))
+            return
+        yield dg.MaterializeResult(metadata=metadata)
 
     @dg.asset_check(asset=key("crisp_sync"), name="no_failed_writes",
                     description="Warns when Crisp refused or deferred some writes of the run "
@@ -222,13 +238,17 @@ def build_activation_defs(config: ActivationConfig,
                                    metadata={"by_reason": by_reason})
 
     assets = [segment, crisp_snapshot, change_set, crisp_sync]
-    checks = [segment_usable, mirror_guards, no_failed_writes]
+    checks = [segment_usable, no_failed_writes]
+    if config.mode == Mode.MIRROR:  # (deleting is mirror's alone)
+        checks.insert(1, mirror_guards)
     job = dg.define_asset_job(
         name=f"{name}_job", selection=dg.AssetSelection.assets(*assets),
         executor_def=dg.in_process_executor, tags={"crisp/activation": name},
         description=f"Sync segment {name!r} to Crisp ({config.mode.value}).")
-    schedules = [activation_schedule(config, job)] if config.schedule else []
-    sensors = [watermark_sensor(config, job)] if config.segment.watermark_sql else []
+    own_keys = {key(step) for step in STEPS}
+    schedules = [activation_schedule(config, job, own_keys)] if config.schedule else []
+    sensors = [watermark_sensor(config, job, own_keys)] if config.segment.watermark_sql else []
+    sensors.append(failure_alert_sensor(config, job, own_keys))
     return dg.Definitions(assets=[*external, *assets], asset_checks=checks, jobs=[job],
                           schedules=schedules, sensors=sensors)
 

@@ -2,31 +2,48 @@
 
 
 import json
+import os
 from typing import Any
 
 import dagster as dg
 
+from crisp_pipeline import alerts
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.warehouse import SegmentSourceError
 
-from .resources import source_of, source_resource_keys
+from .resources import CrispAlerts, source_of, source_resource_keys
 from .run_scope import IN_PROGRESS
 
-def activation_schedule(config: ActivationConfig, job: Any) -> dg.ScheduleDefinition:
+def activation_run_in_progress(instance: dg.DagsterInstance, job_name: str,
+                               keys: set[dg.AssetKey]) -> str | None:
+    """The id of a run in progress that materializes any of the activation's assets: a run
+    of its job, or any other run selecting them ("Materialize", "Materialize all", another
+    job); None when there is none."""
+    for record in instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS), limit=200):
+        run = record.dagster_run
+        selected = run.asset_selection
+        if run.job_name == job_name or (selected and keys & set(selected)) or (
+                selected is None and run.job_name.startswith("__ASSET_JOB")):
+            return run.run_id
+    return None
+
+
+def activation_schedule(config: ActivationConfig, job: Any,
+                        keys: set[dg.AssetKey]) -> dg.ScheduleDefinition:
     @dg.schedule(name=f"{config.name}_schedule", cron_schedule=config.schedule, job=job,
                  description=f"Syncs {config.name!r} on {config.schedule!r}; skips a tick "
                  "while a run of the activation is still in progress.")
     def schedule(context: dg.ScheduleEvaluationContext):
-        running = context.instance.get_run_records(
-            dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS), limit=1)
+        running = activation_run_in_progress(context.instance, job.name, keys)
         if running:
-            return dg.SkipReason(f"a run of {job.name} is still in progress "
-                                 f"({running[0].dagster_run.run_id})")
+            return dg.SkipReason(f"a run of activation {config.name!r} is still in progress "
+                                 f"({running})")
         return dg.RunRequest(tags={"crisp/trigger": "schedule"})
     return schedule
 
 
-def watermark_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
+def watermark_sensor(config: ActivationConfig, job: Any,
+                     keys: set[dg.AssetKey]) -> dg.SensorDefinition:
     @dg.sensor(name=f"{config.name}_source_sensor", job=job, minimum_interval_seconds=60,
                required_resource_keys={"crisp_db", *source_resource_keys(config)},
                description=f"Syncs {config.name!r} when its watermark query's value changes "
@@ -41,9 +58,7 @@ def watermark_sensor(config: ActivationConfig, job: Any) -> dg.SensorDefinition:
         last, changes = sensor_cursor(context.cursor)
         if watermark == last:
             return dg.SkipReason(f"source unchanged (watermark {watermark})")
-        running = context.instance.get_run_records(
-            dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS), limit=1)
-        if running:
+        if activation_run_in_progress(context.instance, job.name, keys):
             return dg.SkipReason("a run is in progress; the change will be seen next tick")
         context.update_cursor(json.dumps({"watermark": watermark, "changes": changes + 1}))
         # the key counts changes: a watermark back to an old value (its newest row deleted)
@@ -64,3 +79,28 @@ def sensor_cursor(cursor: str | None) -> tuple[str | None, int]:
     if not isinstance(state, dict):
         return cursor, 0
     return state.get("watermark"), int(state.get("changes", 0))
+
+
+def failure_alert_sensor(config: ActivationConfig, job: Any,
+                         keys: set[dg.AssetKey]) -> dg.SensorDefinition:
+    """Tells the `crisp_alerts` webhook when a run of the activation fails (its job, or any
+    run materializing its assets). Running by default when the webhook is configured as the
+    definitions load, else stopped (turn it on in the UI once it is)."""
+    configured = bool(os.environ.get(alerts.DEFAULT_URL_ENV, "").strip())
+
+    @dg.run_failure_sensor(
+        name=f"{config.name}_failure_alert",
+        default_status=(dg.DefaultSensorStatus.RUNNING if configured
+                        else dg.DefaultSensorStatus.STOPPED),
+        description=f"Sends an alert when a run of {config.name!r} fails.")
+    def failure_alert(context: dg.RunFailureSensorContext, crisp_alerts: CrispAlerts):
+        run = context.dagster_run
+        selected = run.asset_selection
+        if run.job_name != job.name and not (selected and keys & set(selected)):
+            return
+        destination = crisp_alerts
+        message = (context.failure_event.message or "the run failed").splitlines()[0]
+        destination.send(alerts.Alert(
+            "run_failed", config.name, message, run.run_id,
+            alerts.run_url(destination.link_base(), run.run_id)))
+    return failure_alert

@@ -3,12 +3,13 @@ set's figures."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import dagster as dg
 import polars as pl
 
-from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.changes.diff import counts_by_op
 from crisp_pipeline.changes.plan import request_plan
 from crisp_pipeline.crisp.config import daily_quota_from_env
@@ -57,28 +58,104 @@ def verdict_of(accepted: int, bad: int, reasons: dict[str, int]) -> dg.AssetChec
         metadata={"rejected_by_reason": reasons})
 
 
+# skip reasons that come from the mode or from Crisp, not from a bad source row
+MODE_SKIPS = {"not_in_crisp", "email_taken"}
+PREVIEW_PER_OP = 8
+PREVIEW_TEXT = 60  # characters of a value shown in the preview
+
+
+def _short(value: object) -> str:
+    text = "∅" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= PREVIEW_TEXT else text[:PREVIEW_TEXT - 1] + "…"
+
+
+def _differences(changed: list[str] | None, old: str | None, new: str | None) -> str:
+    """`field: old → new` for each changed field (values as JSON, long ones cut)."""
+    before = json.loads(old) if old else {}
+    after = json.loads(new) if new else {}
+    fields = changed or sorted(set(before) | set(after))
+    return "; ".join(f"{field}: {_short(before.get(field))} → {_short(after.get(field))}"
+                     for field in fields)
+
+
+def change_set_preview(changes: pl.DataFrame, mode: Mode) -> dg.MetadataValue:
+    """A preview a person can read in the panel: four narrow columns (identifier, op, what
+    changes as `field: old → new`, why for a skip), up to PREVIEW_PER_OP people of each op,
+    deletions first for a mirror. Everything else is one query away (the README)."""
+    order = (["delete", "release", "create", "update", "skip"] if mode == Mode.MIRROR
+             else ["create", "update", "delete", "release", "skip"])
+    records = []
+    for op in order:
+        sample = changes.filter(pl.col("op") == op).head(PREVIEW_PER_OP)
+        for row in sample.iter_rows(named=True):
+            records.append(dg.TableRecord({
+                "identifier": row["identifier"] or "", "op": op,
+                "change": _differences(row.get("changed"), row.get("old_values"),
+                                       row.get("new_values")) if op in ("create", "update")
+                else "",
+                "why": row.get("reason") or ""}))
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, "string")
+                                     for c in ("identifier", "op", "change", "why")])
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def skips_by_reason(changes: pl.DataFrame) -> tuple[dict[str, int], dict[str, int]]:
+    """(skips the mode or Crisp decided, by reason; skips of rejected source rows, by
+    reason)."""
+    skipped = changes.filter(pl.col("op") == "skip")
+    counts = dict(skipped.group_by("reason").len().iter_rows()) if skipped.height else {}
+    by_mode = {r: int(n) for r, n in counts.items() if r in MODE_SKIPS}
+    rejected = {str(r): int(n) for r, n in counts.items() if r not in MODE_SKIPS}
+    return by_mode, rejected
+
+
 def change_set_metadata(store: StateStore, config: ActivationConfig, planned: Plan,
-                         budget_left: int | None) -> dict[str, Any]:
+                        budget_left: int | None) -> dict[str, Any]:
     changes = planned.planned.change_set
     counts = counts_by_op(changes)
     plan = request_plan(changes, batch_size=config.batch_size,
                         daily_quota=daily_quota_from_env(), budget_left=budget_left)
     plan["full_reconcile"] = full_reconcile_cost(store, list(config.managed_columns))
-    return {
+    by_mode, rejected = skips_by_reason(changes)
+    metadata: dict[str, Any] = {
         "dagster/row_count": changes.height,
         "dagster/column_schema": column_schema(changes),
         "dagster/table_name": f"{config.state_schema}.change_set",
         **{f"{op}s": n for op, n in counts.items()},
-        "departures_held": planned.planned.held_departures,
+        "skipped_by_mode": sum(by_mode.values()),
+        "skipped_rejected_rows": sum(rejected.values()),
         "requests_planned": plan["requests"],
         "requests_without_batching": plan["requests_without_batching"],
-        "budget_left_today": plan["budget_left_today"] if plan["budget_left_today"]
-        is not None else -1,
         "days_to_finish": plan["days_to_finish"],
         "request_plan": dg.MetadataValue.json(plan),
-        "guards": planned.verdict.describe(),
-        "preview": preview(changes),
+        "preview": change_set_preview(changes, config.mode),
     }
+    if by_mode:
+        metadata["skips_by_reason"] = dg.MetadataValue.json(by_mode)
+    if rejected:
+        metadata["rejected_by_reason"] = dg.MetadataValue.json(rejected)
+    if plan["budget_left_today"] is not None:
+        metadata["budget_left_today"] = plan["budget_left_today"]
+    if config.mode == Mode.MIRROR:
+        metadata["departures_held"] = planned.planned.held_departures
+        metadata["guards"] = planned.verdict.describe()
+    return metadata
+
+
+def sync_metadata(values: dict[str, Any]) -> dict[str, Any]:
+    """The sync's report as metadata: nothing empty (no blank reason, no `{}`), the change
+    set's run as a link to it, dicts as JSON."""
+    metadata: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None or value == "" or value == {}:
+            continue
+        if name == "change_set_run_id":
+            metadata[name] = dg.MetadataValue.dagster_run(str(value))
+        elif isinstance(value, dict):
+            metadata[name] = dg.MetadataValue.json(value)
+        else:
+            metadata[name] = value
+    return metadata
 
 
 def rejected_rows(rejected: pl.DataFrame) -> int:

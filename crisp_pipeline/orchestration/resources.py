@@ -14,6 +14,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from crisp_pipeline import alerts
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.crisp import CrispSettings, SettingsError
 from crisp_pipeline.crisp.config import daily_quota_from_env
@@ -73,9 +74,33 @@ def pipeline_db(path: str | None = None) -> DuckDBResource:
     return DuckDBResource(database=database)
 
 
+class CrispAlerts(dg.ConfigurableResource):
+    """Where alerts go (`crisp_pipeline.alerts`): the webhook whose URL the environment
+    variable `webhook_url_env` holds (a Slack incoming webhook works as it is). Nothing is
+    sent while it is unset."""
+
+    webhook_url_env: str = alerts.DEFAULT_URL_ENV
+    max_failed_share: float = Field(
+        default=0.01, ge=0, le=1, description="A sync whose refused and deferred writes are "
+        "more than this share of the people it handled is reported as partly failed.")
+    webserver_url: str | None = Field(
+        default=None, description="The Dagster UI's address, for run links (default: "
+        "DAGSTER_WEBSERVER_URL, else http://localhost:3000).")
+
+    def link_base(self) -> str:
+        return (self.webserver_url or os.environ.get("DAGSTER_WEBSERVER_URL")
+                or "http://localhost:3000")
+
+    def configured(self) -> bool:
+        return bool(os.environ.get(self.webhook_url_env, "").strip())
+
+    def send(self, alert: alerts.Alert) -> bool:
+        return alerts.send(alert, self.webhook_url_env)
+
+
 def default_resources(db_path: str | None = None) -> dict[str, Any]:
     return {"crisp_db": pipeline_db(db_path), "crisp": CrispResource(),
-            "crisp_run": CrispRunOptions()}
+            "crisp_run": CrispRunOptions(), "crisp_alerts": CrispAlerts()}
 
 
 class StateUnavailableFailure(dg.Failure, StateUnavailable):

@@ -28,7 +28,8 @@ def _is_last_step(context: Any, config: ActivationConfig, step: str) -> bool:
     """Whether `step` is the last of the activation's steps this run executes (a run may
     select only some of them, or re-execute from a failed one)."""
     planned = context.run.step_keys_to_execute
-    own = str(context.node_handle)  # `<key prefix>__<name>__<step>`
+    handle = getattr(context, "op_execution_context", context).node_handle
+    own = str(handle)  # `<key prefix>__<name>__<step>`
     base = own[:-len(step)] if own.endswith(step) else f"{config.name}__"
     mine = [s for s in STEPS if planned is None or f"{base}{s}" in planned]
     return not mine or mine[-1] == step
@@ -47,6 +48,8 @@ def holding_activation(context: Any, db: DuckDBResource, config: ActivationConfi
         raise dg.Failure(description=str(error)) from None
     try:
         _keep_open_for_run(connect, run_id, config.name)
+        if options.dry_run:
+            _tag_dry_run(context)
         yield
     except BaseException:
         _let_go(connect, config.name, run_id)
@@ -67,6 +70,17 @@ def _keep_open_for_run(connect: Any, run_id: str, name: str) -> None:
         kept = contextlib.ExitStack()
         kept.enter_context(connect.kept_open())
         _OPEN_FOR_RUN[(run_id, name)] = kept
+
+
+DRY_RUN_TAG = "crisp/dry_run"
+
+
+def _tag_dry_run(context: Any) -> None:
+    """Show a dry run as one in the UI's run list (its tags are set when it starts: the
+    launchpad's run config is the only place the choice is made)."""
+    run = context.run
+    if run.tags.get(DRY_RUN_TAG) != "true":
+        context.instance.add_run_tags(run.run_id, {DRY_RUN_TAG: "true"})
 
 
 def _let_go(connect: Any, name: str, run_id: str) -> None:

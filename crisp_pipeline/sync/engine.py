@@ -152,6 +152,7 @@ class SyncEngine:
         self.chunk = chunk
         self.max_consecutive_failures = max_consecutive_failures
         self.progress = progress
+        self._reported = -1  # the `done` figure last given to `progress`
         self.planned_at_ms = planned_at_ms
         self.is_managed = is_managed  # whether a people_id is managed here (a state lookup)
         self.delete_gate = delete_gate or (lambda people_ids: contextlib.nullcontext(set()))
@@ -318,7 +319,8 @@ class SyncEngine:
         touched = {id(p): p.as_recorded() for unit, _ in finished for p in unit.people}
         await self._hand_over(Batch(steps, list(touched.values())), on_batch)
         self._done += sum(1 for unit, _ in finished if unit.step != "data")
-        if self.progress:
+        if self.progress and self._done != self._reported:  # (a data batch moves no one)
+            self._reported = self._done
             await asyncio.to_thread(self.progress, min(self._done, self._total),
                                     self._total, time.monotonic() - self._started)
 
