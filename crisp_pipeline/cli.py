@@ -98,9 +98,116 @@ def demo(db: str | None, people: int, serve: bool) -> None:
         raise SystemExit(1)
 
 
+@main.command(name="try")
+@click.argument("activation")
+@click.argument("identifier")
+@click.option("--send", is_flag=True, help="Send the requests (default: show them only).")
+@click.option("--module", default="crisp_pipeline.definitions", show_default=True,
+              help="The Python module whose `defs` holds the activation (your project's).")
+def try_one(activation: str, identifier: str, send: bool, module: str) -> None:
+    """One person first: run ACTIVATION for the person IDENTIFIER only (their email, or
+    their external id), show their change and the exact requests, and send them only with
+    --send, recorded like any sync. Uses the CRISP_* variables, as a run does."""
+    import importlib
+    import json
+    import os
+
+    import dagster as dg
+
+    loaded = importlib.import_module(module).defs
+    definitions = loaded() if callable(loaded) else loaded
+    try:
+        job = definitions.resolve_job_def(f"{activation}_job")
+    except Exception:  # noqa: BLE001 - dagster's error names every job; ours is shorter
+        raise click.ClickException(f"no activation {activation!r} in {module}") from None
+    instance = (dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME")
+                else dg.DagsterInstance.ephemeral())
+    result = job.execute_in_process(
+        instance=instance, raise_on_error=False, tags={"crisp/try": identifier},
+        run_config={"resources": {"crisp_run": {"config": {"only": [identifier],
+                                                           "dry_run": not send}}},
+                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
+    if not result.success:
+        failures = [e.step_failure_data.error.message.strip() if e.step_failure_data.error
+                    else str(e.step_failure_data.user_failure_data)
+                    for e in result.all_events if e.is_step_failure]
+        raise click.ClickException("; ".join(failures) or "the run failed")
+    row = _change_of(_db_path(None), activation, identifier)
+    if row is None:
+        raise click.ClickException(f"{identifier!r} is not in the change set of {activation!r} "
+                                   "(not in the segment, or nothing to do)")
+    click.echo(json.dumps({"change": row}, indent=2, default=str))
+    events = [e for e in result.all_events
+              if e.event_type in (dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                  dg.DagsterEventType.ASSET_OBSERVATION)
+              and e.asset_key and e.asset_key.path[-1] == "crisp_sync"]
+    metadata = events[-1].event_specific_data.materialization.metadata if events and \
+        events[-1].event_type == dg.DagsterEventType.ASSET_MATERIALIZATION else (
+        events[-1].event_specific_data.asset_observation.metadata if events else {})
+    if not send:
+        planned = metadata.get("requests_planned")
+        click.echo(json.dumps({"requests": planned.value if planned else []}, indent=2))
+        click.echo("Nothing was sent. --send sends these and records the outcome.")
+        return
+    outcomes = {k: v.value for k, v in metadata.items()
+                if k in ("people_ok", "people_rejected", "people_deferred", "requests_sent")}
+    click.echo(json.dumps({"sent": outcomes, "run_id": result.run_id}, indent=2))
+
+
+def _change_of(db: str, activation: str, identifier: str) -> dict | None:
+    import polars as pl
+
+    from crisp_pipeline.state.store import StateStore, connect_state
+
+    changes = StateStore(connect_state(db), f"crisp_{activation}").read_change_set()
+    mine = changes.filter((pl.col("identifier") == identifier.strip()) |
+                          (pl.col("identifier") == identifier.strip().lower()))
+    if mine.is_empty():
+        return None
+    row = mine.row(0, named=True)
+    return {k: v for k, v in row.items() if k in ("identifier", "op", "changed", "old_values",
+                                                    "new_values", "reason", "message")}
+
+
 @main.command()
 @click.argument("activation")
-@click.option("--db", default=None, help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
+@click.option("--db", default=None,
+              help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
+@click.option("--op", "ops", multiple=True,
+              type=click.Choice(["create", "update", "delete", "release", "skip"]),
+              help="Only these operations (repeatable).")
+@click.option("--csv", "as_csv", is_flag=True, help="Every row as CSV, for a spreadsheet.")
+@click.option("--limit", default=50, show_default=True, help="Rows shown (0: all).")
+def changes(activation: str, db: str | None, ops: tuple[str, ...], as_csv: bool,
+            limit: int) -> None:
+    """The latest change set of ACTIVATION, row by row: identifier, op, changed fields with
+    old and new values, and the reason of a skip (what the UI's preview samples)."""
+    import polars as pl
+
+    from crisp_pipeline.state.store import StateStore, connect_state
+
+    frame = StateStore(connect_state(_db_path(db)), f"crisp_{activation}").read_change_set()
+    if frame.is_empty():
+        raise click.ClickException(f"no change set for {activation!r} yet: materialize its "
+                                   "change_set asset first")
+    if ops:
+        frame = frame.filter(pl.col("op").is_in(list(ops)))
+    frame = frame.select("identifier", "op", pl.col("changed").list.join(", "), "old_values",
+                         "new_values", "reason", "message")
+    if as_csv:
+        click.echo(frame.write_csv(), nl=False)
+        return
+    shown = frame if limit <= 0 else frame.head(limit)
+    with pl.Config(tbl_rows=-1, fmt_str_lengths=60, tbl_width_chars=160):
+        click.echo(shown)
+    if shown.height < frame.height:
+        click.echo(f"{frame.height - shown.height} more row(s): --limit 0, or --csv")
+
+
+@main.command()
+@click.argument("activation")
+@click.option("--db", default=None,
+              help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
 @click.option("--batch-size", default=None, type=int,
               help="People per PATCH batch/data [default: the contract's maximum].")
 def plan(activation: str, db: str | None, batch_size: int | None) -> None:
@@ -137,7 +244,8 @@ def plan(activation: str, db: str | None, batch_size: int | None) -> None:
 
 @main.command()
 @click.argument("activation")
-@click.option("--db", default=None, help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
+@click.option("--db", default=None,
+              help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
 @click.option("--full", is_flag=True,
               help="Re-read every managed person, not only those due within the allowance.")
 @click.option("--max-requests", default=500, show_default=True, type=int,
@@ -188,7 +296,8 @@ def reconcile(activation: str, db: str | None, full: bool, max_requests: int) ->
 
 
 @main.command()
-@click.option("--db", default=None, help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
+@click.option("--db", default=None,
+              help="DuckDB file holding the state (ignored when CRISP_PIPELINE_STATE_URL is set).")
 def status(db: str | None) -> None:
     """One line per activation: people managed, last sync and its figures."""
     import contextlib

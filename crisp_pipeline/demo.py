@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -216,6 +217,19 @@ def format_lines(lines: list[RunLine]) -> str:
     return "\n".join([header, *body])
 
 
+def demo_home(db_path: str) -> str:
+    """Where the demo records its runs, so that `dg dev` shows them afterwards: DAGSTER_HOME
+    when set, else `dagster_home` beside the DuckDB file, with the project's instance
+    settings (`dagster.yaml`: one run per activation) when run from the project."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(db_path).resolve().parent /
+                "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    settings, shipped = home / "dagster.yaml", Path.cwd() / "dagster.yaml"
+    if not settings.exists() and shipped.is_file():
+        shutil.copyfile(shipped, settings)
+    return str(home)
+
+
 def run_demo(db_path: str, count: int = 3000, serve: bool = False, echo=print) -> list[RunLine]:
     import dagster as dg
 
@@ -229,8 +243,8 @@ def run_demo(db_path: str, count: int = 3000, serve: bool = False, echo=print) -
     write_warehouse(db_path, customers)
     running = start_emulator(customers)
     os.environ.update(crisp_environment(running))
-    instance = (dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME")
-                else dg.DagsterInstance.ephemeral())
+    home = demo_home(db_path)
+    instance = dg.DagsterInstance.from_config(home)
     echo(f"Warehouse: {db_path} (table demo_warehouse.customers, {customers.height} rows). "
          f"Crisp emulator: {running.base_url} ({running.emulator.store.count('demo')} people "
          "already in website 'demo').")
@@ -246,6 +260,9 @@ def run_demo(db_path: str, count: int = 3000, serve: bool = False, echo=print) -
         third = run_activations(3, instance)
         echo("\nThird run, nothing changed since: no write is sent.")
         echo(format_lines(third))
+        echo(f"\nThe runs are in the Dagster instance at {home}: to see them in the UI,\n"
+             f"  export DAGSTER_HOME={home} CRISP_PIPELINE_DB={db_path} && dg dev\n"
+             "(add `--serve` to this command to keep the emulator up for new runs).")
         echo("\nChange sets, outcomes and snapshots are tables in the DuckDB file, e.g.\n"
              f"  python -c \"import duckdb; print(duckdb.connect('{db_path}').sql("
              "'select run_id, op, count(*) from crisp_paying_customers.change_set_history "

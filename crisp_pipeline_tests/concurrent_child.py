@@ -32,6 +32,14 @@ def job_from_env() -> dg.JobDefinition:
     return definitions.resolve_job_def(f"{config.name}_job")
 
 
+def defs() -> dg.Definitions:
+    """The activation's definitions from the environment (for `crisp-pipeline try --module`)."""
+    config = ActivationConfig.model_validate_json(os.environ["TRUST_ACTIVATION"])
+    return dg.Definitions.merge(
+        build_activation_defs(config),
+        dg.Definitions(resources=default_resources(os.environ["TRUST_DB"])))
+
+
 def reconstructable_job() -> dg.ReconstructableJob:
     """`dg.reconstructable(job_from_env)` as the environment says now. Dagster keeps the last
     job it reconstructed (`ReconstructableJob.get_definition` is an lru_cache keyed by the

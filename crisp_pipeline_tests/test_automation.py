@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -143,10 +144,16 @@ def test_bad_activation_configuration_is_refused_when_definitions_load(change, m
 
 
 def test_the_demo_runs_every_activation_twice_and_then_writes_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     result = subprocess.run(
         [sys.executable, "-m", "crisp_pipeline.cli", "demo", "--db", str(tmp_path / "crisp_pipeline.duckdb"),
-         "--people", "400"], capture_output=True, text=True, timeout=600)
+         "--people", "400"], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # its runs stay where `dg dev` shows them, and it says how to get there
+    home = tmp_path / "dagster_home"
+    assert f"export DAGSTER_HOME={home}" in result.stdout
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert len(instance.get_run_records()) == 9  # 3 activations x 3 runs
     tables = result.stdout.split("\n\n")
     third = next(block for block in tables if block.startswith("Third run"))
     rows = [line.split() for line in third.splitlines()[2:]]

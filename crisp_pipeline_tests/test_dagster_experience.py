@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from crisp_pipeline.activation import ActivationConfig
@@ -25,6 +26,7 @@ from crisp_pipeline.emulator import FaultPlan, ForcedAnswer
 from crisp_pipeline.orchestration.assets import build_activation_defs
 from crisp_pipeline.orchestration.resources import CrispAlerts
 
+from .conftest import WEBSITE
 from .harness import Pipeline, crisp_env
 from .test_mirror_trust import WEBSITE_TOKEN, _hold_activation, _tokens, children
 
@@ -332,3 +334,60 @@ def test_a_bad_setting_in_yaml_is_refused_naming_it(tmp_path):
     schema = CrispActivation.get_schema().model_json_schema()
     assert set(schema["properties"]["mode"].get("enum", [])) or "$ref" in json.dumps(
         schema["properties"]["mode"])
+
+
+# ---------------------------------------------------------------- one person first
+
+
+def test_try_shows_one_persons_exact_requests_then_sends_only_them(
+        emulator, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from crisp_pipeline.cli import main
+
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="one",
+                            fields={"person.nickname": "name"}, attributes=["plan"])
+    pipeline.load([{"email": "ada@x.io", "name": "Ada", "plan": "pro"},
+                   {"email": "bob@x.io", "name": "Bob", "plan": "free"}])
+    for name, value in {"TRUST_ACTIVATION": pipeline.config.model_dump_json(),
+                        "TRUST_DB": pipeline.db_path,
+                        "CRISP_PIPELINE_DB": pipeline.db_path}.items():
+        monkeypatch.setenv(name, value)
+    command = ["try", "one", "Ada@x.io", "--module", "crisp_pipeline_tests.concurrent_child"]
+    shown = CliRunner().invoke(main, command)
+    assert shown.exit_code == 0, shown.output
+    assert '"op": "create"' in shown.output and "Nothing was sent" in shown.output
+    assert '"method": "POST"' in shown.output and "/people/profile" in shown.output
+    assert '"email": "ada@x.io"' in shown.output and '"nickname": "Ada"' in shown.output
+    assert "bob@x.io" not in shown.output and pipeline.crisp() == {}
+    assert [r for r in emulator.emulator.requests() if r.method != "GET"] == []
+    sent = CliRunner().invoke(main, [*command, "--send"])
+    assert sent.exit_code == 0, sent.output
+    assert set(pipeline.crisp()) == {"ada@x.io"}  # only her
+    assert pipeline.crisp()["ada@x.io"]["data"] == {"plan": "pro"}
+    assert pipeline.snapshot().get_column("identifier").to_list() == ["ada@x.io"]
+    pipeline.run()  # the rest on the next run; she is not written again
+    assert set(pipeline.crisp()) == {"ada@x.io", "bob@x.io"}
+    assert len(emulator.emulator.people(WEBSITE)) == 2
+    planned = pipeline.store.read("change_set")
+    assert planned.filter(pl.col("op") != "skip").get_column("identifier").to_list() \
+        == ["bob@x.io"]
+
+
+def test_the_full_change_set_is_one_command_away(emulator, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from crisp_pipeline.cli import main
+
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="full", attributes=["plan"])
+    pipeline.load([{"email": f"c{i:02d}@x.io", "plan": "pro"} for i in range(60)]
+                  + [{"email": "broken", "plan": "x"}])
+    pipeline.run(dry_run=True)
+    shown = CliRunner().invoke(main, ["changes", "full", "--db", pipeline.db_path, "--limit", "5"])
+    assert shown.exit_code == 0, shown.output
+    assert "c00@x.io" in shown.output and "56 more row(s)" in shown.output
+    skips = CliRunner().invoke(main, ["changes", "full", "--db", pipeline.db_path, "--op", "skip",
+                                      "--csv"])
+    lines = skips.output.strip().splitlines()
+    assert lines[0].startswith("identifier,op,changed") and len(lines) == 2
+    assert "invalid_email" in lines[1]

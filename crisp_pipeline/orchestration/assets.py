@@ -207,7 +207,8 @@ def build_activation_defs(config: ActivationConfig,
                     verdict=current_verdict(store, config),
                     override_guards=crisp_run.override_guards, progress=progress,
                     heartbeat=lambda: locks.heartbeat(state_connector(crisp_db), name, run_id),
-                    website_lock=website_lock(context, crisp_db, store, config, crisp_run))
+                    website_lock=website_lock(context, crisp_db, store, config, crisp_run),
+                    only=frozenset(crisp_run.only) if crisp_run.only else None)
             except (GuardRefusal, StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
         if not crisp_run.dry_run:

@@ -147,11 +147,11 @@ def sync_metadata(values: dict[str, Any]) -> dict[str, Any]:
     set's run as a link to it, dicts as JSON."""
     metadata: dict[str, Any] = {}
     for name, value in values.items():
-        if value is None or value == "" or value == {}:
+        if value is None or value == "" or value == {} or value == []:
             continue
         if name == "change_set_run_id":
             metadata[name] = dg.MetadataValue.dagster_run(str(value))
-        elif isinstance(value, dict):
+        elif isinstance(value, (dict, list)):
             metadata[name] = dg.MetadataValue.json(value)
         else:
             metadata[name] = value

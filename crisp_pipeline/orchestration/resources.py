@@ -61,6 +61,11 @@ class CrispRunOptions(dg.ConfigurableResource):
     sync_deadline_minutes: float | None = Field(
         default=None, gt=0, description="How long the sync may send; past it, what was not "
         "sent is deferred to the next run (recorded as `deferred`, reason `deadline`).")
+    only: list[str] = Field(
+        default_factory=list, description="Apply only these people's changes this run (their "
+        "identifiers; the rest of the change set waits for the next run). With dry_run, the "
+        "exact requests are shown in the sync's metadata (`requests_planned`): "
+        "`crisp-pipeline try NAME IDENTIFIER`.")
     full_reconcile: bool = Field(
         default=False, description="Re-read every managed person in Crisp this run (its cost "
         "is in the change set's `request_plan` as `full_reconcile`), instead of the share of "

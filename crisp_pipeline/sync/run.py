@@ -44,6 +44,7 @@ class SyncReport:
     summary: SyncSummary = field(default_factory=SyncSummary)
     stats: RequestStats = field(default_factory=RequestStats)
     pruned: dict[str, int] = field(default_factory=dict)  # history rows past retention
+    requests: list[dict[str, Any]] | None = None  # a dry run's exact requests (`only`)
 
     @property
     def deferred_reason(self) -> str | None:
@@ -77,6 +78,7 @@ class SyncReport:
             "outcomes": outcomes, "units_sent": dict(self.summary.units),
             "requests_by_route": self.stats.as_dict()["by_route_status"],
             "history_rows_pruned": self.pruned,
+            "requests_planned": self.requests,
         }
 
 
@@ -85,13 +87,15 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                      connect: Connect, *, dry_run: bool, verdict: GuardVerdict,
                      override_guards: bool, progress=None,
                      heartbeat: Callable[[], None] = lambda: None,
-                     website_lock: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
-                     ) -> SyncReport:
+                     website_lock: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+                     only: frozenset[str] | None = None) -> SyncReport:
     """Send this run's change set to Crisp and record what Crisp confirmed.
 
     Raises `StaleChangeSet` when the stored change set is another run's, `GuardRefusal` when
     mirror's guards fail and the run does not override them, and `StopRun` (after committing
-    the finished work) when Crisp refuses the credentials.
+    the finished work) when Crisp refuses the credentials. With `only` (identifiers), only
+    those people's changes are applied (the rest wait for the next run), and a dry run
+    writes down the exact requests it would send (`report.requests`).
     """
     change_set = store.read_change_set()
     computed_by = store.stage_run("change_set")
@@ -101,12 +105,20 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
     if not verdict.passed and not override_guards:
         raise GuardRefusal(verdict.describe())
     work = change_set.filter(pl.col("op").is_in([*WORK_OPS, "release"]))
+    if only is not None:
+        wanted = [o.strip().lower() if config.keyed_by_email else o.strip() for o in only]
+        work = work.filter(pl.col("identifier").is_in(wanted))
     planned = {op: work.filter(pl.col("op") == op).height for op in (*WORK_OPS, "release")}
     report = SyncReport(computed_by, dry_run, planned)
     if computed_by in store.applied_run_ids():
         log.info("change set of run %s was already applied; nothing to send", computed_by)
         work = work.clear()
     fields = list(config.managed_columns)
+    if dry_run and only is not None and not work.is_empty():
+        from .preview import planned_requests
+        report.requests = planned_requests(
+            work.to_dicts(), config, settings_factory(),
+            work.get_column("computed_at")[0].timestamp() * 1000)
     if not dry_run and not work.is_empty():
         computed_at = work.get_column("computed_at")[0]
 
