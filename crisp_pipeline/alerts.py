@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from crisp_pipeline.redact import redact
-
 log = logging.getLogger(__name__)
 
 DEFAULT_URL_ENV = "CRISP_ALERT_WEBHOOK_URL"
@@ -64,10 +62,14 @@ def send(alert: Alert, url_env: str = DEFAULT_URL_ENV, timeout: float = 10.0) ->
         return False
     try:
         response = httpx.post(url, json=alert.payload(), timeout=timeout)
-        response.raise_for_status()
-    except httpx.HTTPError as error:
-        log.warning("alert %s for %s not delivered: %s", alert.event, alert.activation,
-                    redact(f"{type(error).__name__}: {error}", url))
+    except Exception as error:  # noqa: BLE001 - an alert never fails the run
+        # (the error's text may quote the URL, normalised past what redaction recognises)
+        log.warning("alert %s for %s not delivered: %s (the webhook of %s)", alert.event,
+                    alert.activation, type(error).__name__, url_env)
+        return False
+    if response.is_error:
+        log.warning("alert %s for %s not delivered: the webhook of %s answered %s",
+                    alert.event, alert.activation, url_env, response.status_code)
         return False
     return True
 

@@ -132,7 +132,9 @@ def try_one(activation: str, identifier: str, send: bool, module: str) -> None:
                     else str(e.step_failure_data.user_failure_data)
                     for e in result.all_events if e.is_step_failure]
         raise click.ClickException("; ".join(failures) or "the run failed")
-    row = _change_of(_db_path(None), activation, identifier)
+    crisp_db = definitions.resources.get("crisp_db") if definitions.resources else None
+    row = _change_of(getattr(crisp_db, "database", None) or _db_path(None), activation,
+                     identifier)
     if row is None:
         raise click.ClickException(f"{identifier!r} is not in the change set of {activation!r} "
                                    "(not in the segment, or nothing to do)")
@@ -159,9 +161,11 @@ def _change_of(db: str, activation: str, identifier: str) -> dict | None:
 
     from crisp_pipeline.state.store import StateStore, connect_state
 
-    changes = StateStore(connect_state(db), f"crisp_{activation}").read_change_set()
-    mine = changes.filter((pl.col("identifier") == identifier.strip()) |
-                          (pl.col("identifier") == identifier.strip().lower()))
+    store = StateStore(connect_state(db), f"crisp_{activation}")
+    keyed_by_email = (store.stored_configuration() or {}).get("identifier") == "email"
+    wanted = identifier.strip().lower() if keyed_by_email else identifier.strip()
+    changes = store.read_change_set()
+    mine = changes.filter(pl.col("identifier") == wanted)
     if mine.is_empty():
         return None
     row = mine.row(0, named=True)

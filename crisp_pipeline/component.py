@@ -11,6 +11,8 @@ The Dagster side lives in `orchestration/`; this module re-exports what users im
 
 from __future__ import annotations
 
+import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +31,10 @@ from crisp_pipeline.orchestration.resources import (
 )
 
 PRESENTATION_FIELDS = ("asset_key_prefix", "group_name", "owners", "tags", "kinds")
+NAME_PART = re.compile(r"[A-Za-z0-9_-]+")
+GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")
+TAG_KEY = re.compile(r"([A-Za-z0-9_.-]{1,63}/)?[A-Za-z0-9_.-]{1,63}")
+TAG_VALUE = re.compile(r"[A-Za-z0-9_.-]{0,63}")
 
 
 class CrispActivationModel(ActivationConfig):
@@ -49,13 +55,31 @@ class CrispActivationModel(ActivationConfig):
     kinds: Annotated[list[str], Field(max_length=6)] = Field(
         default_factory=list, description="Extra kinds shown on every asset (e.g. crm).")
 
+    # what Dagster accepts, checked here so that a bad value is refused with the setting's
+    # name when the YAML loads, not with a traceback while the assets are built
     @field_validator("asset_key_prefix")
     @classmethod
     def _prefix(cls, parts: list[str]) -> list[str]:
         for part in parts:
-            if not part or "/" in part:
-                raise ValueError(f"asset_key_prefix: {part!r} is not a key part")
+            if not NAME_PART.fullmatch(part):
+                raise ValueError(f"asset_key_prefix: {part!r}: use letters, digits, _ and -")
         return parts
+
+    @field_validator("group_name")
+    @classmethod
+    def _group(cls, name: str | None) -> str | None:
+        if name is not None and not GROUP_NAME.fullmatch(name):
+            raise ValueError(f"group_name: {name!r}: use letters, digits and _")
+        return name
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key, value in tags.items():
+            if not TAG_KEY.fullmatch(key) or not TAG_VALUE.fullmatch(value):
+                raise ValueError(f"tags: {key!r}: {value!r}: keys and values of at most 63 "
+                                 "letters, digits, _, - and . (a key may have one `prefix/`)")
+        return tags
 
     def activation(self) -> ActivationConfig:
         return ActivationConfig.model_validate(
@@ -95,12 +119,14 @@ class CrispActivationScaffolder(dg.Scaffolder[ScaffoldParams]):
 
 
 def _quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A YAML scalar holding exactly `text` (a JSON string is one: quotes, colons, `#`,
+    newlines and words like `yes` or `null` stay text)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def scaffolded_yaml(type_name: str, name: str, params: ScaffoldParams) -> str:
     source = (f"sql: {_quoted(params.sql)}" if params.sql
-              else f"table: {params.table or 'analytics.customers'}")
+              else f"table: {_quoted(params.table or 'analytics.customers')}")
     website = (f"website_id: {_quoted(params.website_id)}" if params.website_id
                else "# website_id: ...            # default: CRISP_WEBSITE_ID")
     mirror = "" if params.mode != Mode.MIRROR else textwrap.indent(textwrap.dedent("""\
@@ -119,12 +145,12 @@ def scaffolded_yaml(type_name: str, name: str, params: ScaffoldParams) -> str:
         # Check it with `dg check defs`; see the crisp-pipeline README for every setting.
         type: {type_name}
         attributes:
-          name: {name}
+          name: {_quoted(name)}
           segment:
             {source}
             # warehouse: duckdb         # or postgres, adbc, resource (see the README)
             # watermark_sql: "select max(updated_at) from analytics.customers"
-          identifier: {params.identifier}  # or {{external_id: user_id, email: email}}
+          identifier: {_quoted(params.identifier)}  # or {{external_id: user_id, email: email}}
           mode: {params.mode.value}             # upsert | update_only | mirror
           {website}
           fields:                       # Crisp profile fields <- source columns

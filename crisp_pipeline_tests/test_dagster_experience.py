@@ -391,3 +391,116 @@ def test_the_full_change_set_is_one_command_away(emulator, tmp_path, monkeypatch
     lines = skips.output.strip().splitlines()
     assert lines[0].startswith("identifier,op,changed") and len(lines) == 2
     assert "invalid_email" in lines[1]
+
+
+# ---------------------------------------------------------------- found by a hostile review
+
+
+def test_syncing_one_person_never_lets_the_next_run_delete_held_departures(
+        emulator, tmp_path, monkeypatch):
+    """p1-p4 lose their email in the source (a broken join): their departures are held. A
+    sync of p0 alone (with the guards overridden) must not make the rows naming nobody the
+    accepted baseline: the next run still holds p1-p4."""
+    schema = {"email": pl.String, "name": pl.String, "plan": pl.String}
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="held_one", mode="mirror",
+                            fields={"person.nickname": "name"}, attributes=["plan"],
+                            guards={"max_deletes": 1000, "max_delete_fraction": 1.0})
+    rows = [{"email": f"p{i}@x.io", "name": f"P{i}", "plan": "pro"} for i in range(5)]
+    pipeline.load(rows, schema=schema)
+    pipeline.run()
+    pipeline.load([{**rows[0], "plan": "team"}] + [{**r, "email": None} for r in rows[1:]],
+                  schema=schema)
+    pipeline.run(override_guards=True, only=["p0@x.io"])
+    assert pipeline.crisp()["p0@x.io"]["data"] == {"plan": "team"}
+    pipeline.run()
+    assert len(pipeline.crisp()) == 5, "a held departure was deleted after a one-person sync"
+
+
+def test_try_under_an_external_id_never_shows_another_persons_change(
+        emulator, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from crisp_pipeline.cli import main
+
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="ext",
+                            identifier={"external_id": "uid", "email": "email"},
+                            attributes=["plan"])
+    pipeline.load([{"uid": "ABC", "email": "up@x.io", "plan": "pro"}])
+    pipeline.run()
+    pipeline.load([{"uid": "ABC", "email": "up@x.io", "plan": "pro"},
+                   {"uid": "abc", "email": "low@x.io", "plan": "free"}])
+    for name, value in {"TRUST_ACTIVATION": pipeline.config.model_dump_json(),
+                        "TRUST_DB": pipeline.db_path}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CRISP_PIPELINE_DB", raising=False)  # the module's resource says
+    shown = CliRunner().invoke(main, ["try", "ext", "ABC", "--module",
+                                      "crisp_pipeline_tests.concurrent_child"])
+    assert shown.exit_code != 0 and "not in the change set" in shown.output  # nothing to do
+    assert "low@x.io" not in shown.output
+
+
+@pytest.mark.parametrize("url", ["http://[::1/hook", "http://127.0.0.1:9/x y/SECRETPART"])
+def test_a_malformed_or_dead_webhook_never_fails_the_sync_nor_shows_its_url(
+        emulator, tmp_path, monkeypatch, caplog, url):
+    monkeypatch.setenv("CRISP_ALERT_WEBHOOK_URL", url)
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="hooked", attributes=["plan"])
+    pipeline.load([{"email": f"h{i}@x.io", "plan": "pro"} for i in range(3)])
+    pipeline.run()
+    pipeline.load([{"email": f"h{i}@x.io", "plan": "team"} for i in range(3)])
+    emulator.emulator.set_faults(FaultPlan(forced=[ForcedAnswer(400, "invalid_data",
+                                                                 method="PATCH")]))
+    pipeline.run()  # partly failed: an alert is due, and cannot be delivered
+    emulator.emulator.set_faults(FaultPlan())
+    assert "not delivered" in caplog.text
+    assert "SECRETPART" not in caplog.text and "[::1" not in caplog.text
+
+
+def test_a_guard_refusal_is_told_once_and_another_activations_failure_not_at_all(
+        emulator, tmp_path, monkeypatch, webhook):
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="once", mode="mirror",
+                            attributes=["plan"],
+                            guards={"max_deletes": 1, "max_delete_fraction": 1.0})
+    pipeline.load([{"email": f"o{i}@x.io", "plan": "pro"} for i in range(4)])
+    pipeline.run()
+    pipeline.load([{"email": "o0@x.io", "plan": "pro"}])
+    refused = pipeline.run(expect_success=False)
+    other = pipeline_for(emulator, tmp_path / "other", monkeypatch, name="other",
+                         segment={"sql": "select * from nowhere"})
+    (tmp_path / "other").mkdir(exist_ok=True)
+    failed_elsewhere = other.run(expect_success=False)
+    sensor = pipeline.defs.get_sensor_def("once_failure_alert")
+    for result, instance in ((refused, pipeline.instance), (failed_elsewhere, other.instance)):
+        failure = next(e for e in result.all_events
+                       if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+        sensor(dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(result.run_id), dagster_event=failure,
+            resources={"crisp_alerts": CrispAlerts()}).for_run_failure())
+    assert webhook.events() == ["guard_refused"]
+
+
+def test_a_users_own_job_selecting_the_activation_holds_the_schedule_back(tmp_path):
+    config = ActivationConfig(name="grp", segment={"table": "t"}, schedule="* * * * *")
+    nightly = dg.define_asset_job("crm_nightly", selection=dg.AssetSelection.groups("grp"))
+    defs = dg.Definitions.merge(build_activation_defs(config),
+                                pipeline_definitions(str(tmp_path / "s.duckdb")),
+                                dg.Definitions(jobs=[nightly]))
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_job_def("crm_nightly")
+        run = instance.create_run_for_job(job, run_id=str(uuid.uuid4()),
+                                          status=dg.DagsterRunStatus.STARTED)
+        assert run.asset_selection is None  # what makes it hard: no selection on the run
+        tick = defs.get_schedule_def("grp_schedule").evaluate_tick(
+            dg.build_schedule_context(instance=instance))
+        assert not tick.run_requests
+
+
+@pytest.mark.parametrize("attributes, message", [
+    ({"group_name": "crm sync!"}, "group_name"),
+    ({"asset_key_prefix": ["crm x"]}, "asset_key_prefix"),
+    ({"tags": {"bad tag!": "x"}}, "tags"),
+])
+def test_bad_presentation_values_are_refused_naming_the_setting(attributes, message):
+    from crisp_pipeline.component import CrispActivation
+    with pytest.raises(ValueError, match=message):
+        CrispActivation(name="x", segment={"table": "t"}, **attributes)

@@ -14,17 +14,41 @@ from crisp_pipeline.warehouse import SegmentSourceError
 from .resources import CrispAlerts, source_of, source_resource_keys
 from .run_scope import IN_PROGRESS
 
+def step_prefix(keys: set[dg.AssetKey]) -> str:
+    """What every step key of the activation (its assets' and their checks') starts with:
+    `<key prefix>__<name>__`."""
+    return "__".join(next(iter(keys)).path[:-1]) + "__"
+
+
+def _planned_steps(instance: dg.DagsterInstance, run: dg.DagsterRun) -> set[str]:
+    if run.step_keys_to_execute:
+        return set(run.step_keys_to_execute)
+    if run.execution_plan_snapshot_id:
+        snapshot = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+        return {step.key for step in snapshot.steps}
+    return set()
+
+
+def touches_activation(instance: dg.DagsterInstance, run: dg.DagsterRun, job_name: str,
+                       keys: set[dg.AssetKey]) -> bool:
+    """Whether `run` materializes any of the activation's assets: a run of its job, a run
+    selecting them ("Materialize", "Materialize all"), or any other job whose plan has one
+    of its steps (a job of the user's own selecting them by group or kind)."""
+    if run.job_name == job_name:
+        return True
+    if run.asset_selection:
+        return bool(keys & set(run.asset_selection))
+    prefix = step_prefix(keys)
+    return any(step.startswith(prefix) for step in _planned_steps(instance, run))
+
+
 def activation_run_in_progress(instance: dg.DagsterInstance, job_name: str,
                                keys: set[dg.AssetKey]) -> str | None:
-    """The id of a run in progress that materializes any of the activation's assets: a run
-    of its job, or any other run selecting them ("Materialize", "Materialize all", another
-    job); None when there is none."""
+    """The id of a run in progress that materializes any of the activation's assets
+    (`touches_activation`); None when there is none."""
     for record in instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS), limit=200):
-        run = record.dagster_run
-        selected = run.asset_selection
-        if run.job_name == job_name or (selected and keys & set(selected)) or (
-                selected is None and run.job_name.startswith("__ASSET_JOB")):
-            return run.run_id
+        if touches_activation(instance, record.dagster_run, job_name, keys):
+            return record.dagster_run.run_id
     return None
 
 
@@ -95,9 +119,14 @@ def failure_alert_sensor(config: ActivationConfig, job: Any,
         description=f"Sends an alert when a run of {config.name!r} fails.")
     def failure_alert(context: dg.RunFailureSensorContext, crisp_alerts: CrispAlerts):
         run = context.dagster_run
-        selected = run.asset_selection
-        if run.job_name != job.name and not (selected and keys & set(selected)):
-            return
+        prefix = step_prefix(keys)
+        failed = {e.step_key for e in context.get_step_failure_events() if e.step_key}
+        mine = {step for step in failed if step.startswith(prefix)}
+        # a refusal of the guards was told as such (`guard_refused`); a run that failed
+        # elsewhere ("Materialize all", another activation) is not this activation's
+        if not mine or mine == {f"{prefix}change_set_mirror_guards"}:
+            if failed or not touches_activation(context.instance, run, job.name, keys):
+                return
         destination = crisp_alerts
         message = (context.failure_event.message or "the run failed").splitlines()[0]
         destination.send(alerts.Alert(

@@ -48,8 +48,7 @@ def holding_activation(context: Any, db: DuckDBResource, config: ActivationConfi
         raise dg.Failure(description=str(error)) from None
     try:
         _keep_open_for_run(connect, run_id, config.name)
-        if options.dry_run:
-            _tag_dry_run(context)
+        _tag_dry_run(context, options.dry_run)
         yield
     except BaseException:
         _let_go(connect, config.name, run_id)
@@ -75,12 +74,14 @@ def _keep_open_for_run(connect: Any, run_id: str, name: str) -> None:
 DRY_RUN_TAG = "crisp/dry_run"
 
 
-def _tag_dry_run(context: Any) -> None:
-    """Show a dry run as one in the UI's run list (its tags are set when it starts: the
-    launchpad's run config is the only place the choice is made)."""
+def _tag_dry_run(context: Any, dry_run: bool) -> None:
+    """Show a dry run as one in the UI's run list: the launchpad's run config is where the
+    choice is made, so the tag follows it (a run opened from a dry run's launchpad copies
+    its tags, and is no dry run once `dry_run` is false)."""
     run = context.run
-    if run.tags.get(DRY_RUN_TAG) != "true":
-        context.instance.add_run_tags(run.run_id, {DRY_RUN_TAG: "true"})
+    wanted = "true" if dry_run else "false"
+    if run.tags.get(DRY_RUN_TAG, "false") != wanted:
+        context.instance.add_run_tags(run.run_id, {DRY_RUN_TAG: wanted})
 
 
 def _let_go(connect: Any, name: str, run_id: str) -> None:

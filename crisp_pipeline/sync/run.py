@@ -168,7 +168,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
     })
     if config.history_days:
         report.pruned = store.prune_history(now() - timedelta(days=config.history_days))
-    if not dry_run:
+    if not dry_run and only is None:  # (a sync of some people says nothing of the others)
         store.confirm_absences(run_id)
         if config.mode == Mode.MIRROR and report.summary.stopped is None and not held:
             store.accept_unidentified()
