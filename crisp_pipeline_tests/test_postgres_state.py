@@ -140,3 +140,19 @@ def test_only_placeholders_outside_quotes_are_numbered(pieces):
     outside = sum(piece == "?" for piece in pieces)
     assert [f"${n}" in numbered for n in range(1, outside + 1)] == [True] * outside
     assert f"${outside + 1}" not in numbered
+
+
+def test_a_write_whose_count_nobody_reads_leaves_no_transaction_open(postgres_url):
+    """ADBC streams results: an UPDATE's row count left unread kept its implicit transaction
+    (and the row's lock) open on a pooled connection, and the next writer of that row hung
+    (the crash test's heartbeat did)."""
+    from crisp_pipeline.state import locks
+
+    connect = connect_postgres(postgres_url)
+    locks.acquire(connect, "act", "run-1", wait_seconds=1)
+    locks.heartbeat(connect, "act", "run-1")  # an UPDATE; nobody reads how many rows
+    with pg.connect(postgres_url, autocommit=True) as other, other.cursor() as cursor:
+        cursor.execute("set lock_timeout = '2s'")
+        cursor.execute('update crisp_pipeline.activation_locks set heartbeat_at = now() '
+                       "where activation = 'act'")
+    locks.release(connect, "act", "run-1")

@@ -122,8 +122,8 @@ class PostgresConnection:
         self._raw = raw
         self._url = url
         self._cursor = raw.cursor()
+        self._result: pa.Table | None = None
         self._rows: list[tuple] | None = None
-        self._has_result = False
         self.in_transaction = False
 
     def execute(self, sql: str, params: list | tuple | None = None) -> PostgresConnection:
@@ -139,7 +139,12 @@ class PostgresConnection:
                          "select count(*) from changed")
         self._rows = None
         self._cursor.execute(statement, list(params) if params else None)
-        self._has_result = self._cursor.description is not None
+        # Read the whole result now: ADBC streams it, and a result left unread keeps the
+        # statement (and its implicit transaction, with the row locks of an UPDATE) open
+        # on the server, so that the next user of this pooled connection, or another
+        # session waiting on those rows, hangs.
+        self._result = (self._cursor.fetch_arrow_table()
+                        if self._cursor.description is not None else None)
         return self
 
     def _exists(self, kind: str, name: str) -> bool:
@@ -148,10 +153,10 @@ class PostgresConnection:
                                  [name.strip('"').replace('""', '"')])
         else:
             self._cursor.execute("select to_regclass($1) is not null", [name])
-        return bool(self._cursor.fetchone()[0])
+        return bool(self._cursor.fetchall()[0][0])
 
     def _ddl_in_turn(self, sql: str, params, kind: str, name: str) -> PostgresConnection:
-        self._has_result, self._rows = False, None
+        self._result, self._rows = None, None
         if self._exists(kind, name):
             return self
         if self.in_transaction:
@@ -166,12 +171,14 @@ class PostgresConnection:
                 self._cursor.execute("rollback")
                 raise
             self._cursor.execute("commit")
-        self._has_result, self._rows = False, None
         return self
 
     def _all(self) -> list[tuple]:
         if self._rows is None:
-            self._rows = self._cursor.fetchall() if self._has_result else []
+            result = self._result
+            self._rows = ([] if result is None else
+                          list(zip(*(column.to_pylist() for column in result.columns),
+                                   strict=True)) if result.num_columns else [])
         return self._rows
 
     def fetchone(self) -> tuple | None:
@@ -183,10 +190,10 @@ class PostgresConnection:
         return rows
 
     def pl(self) -> pl.DataFrame:
-        if not self._has_result:
+        if self._result is None:
             return pl.DataFrame()
-        frame = pl.from_arrow(self._cursor.fetch_arrow_table())
-        self._has_result = False
+        frame = pl.from_arrow(self._result)
+        self._result = None
         return _from_postgres(frame)
 
     def register(self, name: str, data: pa.Table | pl.DataFrame) -> None:
@@ -203,6 +210,7 @@ class PostgresConnection:
         try:
             self._cursor.execute("select 1")
             self._cursor.fetchall()
+            self._result, self._rows = None, None
         except Exception:  # noqa: BLE001 (any failure: not usable)
             return False
         return True
