@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from crisp_pipeline.changes import fields as crisp_fields
 from crisp_pipeline.crisp import contract
+from crisp_pipeline.names import Phase
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
@@ -183,7 +184,6 @@ class Attribute(_Model):
         return self
 
 
-Phase = Literal["delete", "update", "create"]
 
 
 class ActivationConfig(_Model):

@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+import yaml
 
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.component import pipeline_definitions
@@ -302,7 +303,9 @@ def test_the_example_project_scaffolds_a_mirror_that_dg_accepts(tmp_path):
         cwd=project, env=env, capture_output=True, text=True, timeout=180)
     assert scaffold.returncode == 0, scaffold.stderr[-2000:]
     written = (project / "src/shop_crm/defs/newsletter/defs.yaml").read_text()
-    assert "mode: mirror" in written and "table: analytics.subscribers" in written
+    attributes = yaml.safe_load(written)["attributes"]
+    assert attributes["mode"] == "mirror"
+    assert attributes["segment"] == {"table": "analytics.subscribers"}
     assert "max_delete_fraction" in written and written.count("#") > 10  # commented
     check = subprocess.run([DG, "check", "defs"], cwd=project, env=env, capture_output=True,
                            text=True, timeout=180)

@@ -507,6 +507,7 @@ def _tokens(emulator, since, token) -> list:
     return [r for r in requests_since(emulator, since) if r.token == token.identifier]
 
 
+@duckdb_state_only  # (the Postgres lock is proven by the next test and test_shared_state)
 def test_a_second_run_while_the_first_holds_the_activation_waits_or_ends_without_sending(
         emulator, tmp_path, monkeypatch):
     with children() as started:

@@ -100,7 +100,7 @@ row = st.tuples(people, emails, st.sampled_from(["A", "B", "", None]),
                 st.sampled_from([0.0, 1.5, 1e-7, float("nan"), None]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.lists(row, max_size=14), min_size=1, max_size=6),
        st.sampled_from([BY_EMAIL, BY_ID]), st.sampled_from([0.3, 1.0]))
 def test_whatever_the_sequence_the_staged_segment_is_the_latest_normalised(

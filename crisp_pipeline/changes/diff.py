@@ -37,10 +37,10 @@ from . import fields as crisp_fields
 from .departures import HELD, DepartureContext, decide
 from .encode import JSON_NULL, encode_expr, encode_value
 from .normalize import EMAIL, IDENTIFIER, ROW
+from crisp_pipeline.names import OPS
 
 ROW_HASH = "row_hash"  # as the state store keeps it
 
-OPS = ("create", "update", "delete", "release", "skip")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ def touches_activation(instance: dg.DagsterInstance, run: dg.DagsterRun, job_nam
         return True
     if run.asset_selection:
         return bool(keys & set(run.asset_selection))
+    if run.job_name.startswith("__ASSET_JOB"):
+        return True  # the implicit job with no selection: every asset of the code location
     prefix = step_prefix(keys)
     return any(step.startswith(prefix) for step in _planned_steps(instance, run))
 

@@ -600,11 +600,14 @@ class StateStore:
         if self._exists(connection, "snapshot") and not (
                 {"verified_at", "row_hash", *fields} - set(self._columns(connection, "snapshot"))):
             return  # most uses: nothing to add
+        # the columns of SNAPSHOT_KEYS (one definition), per website, identity enforced
+        columns = ", ".join(
+            f"{name} {sql_type(dtype, self._dialect)}"
+            + (" not null" if name in ("identifier", "people_id") else "")
+            for name, dtype in SNAPSHOT_KEYS.items())
         self._ddl(
             connection, "snapshot",
-            f"create table if not exists {snapshot} (website_id varchar not null, "
-            "identifier varchar not null, people_id varchar not null, email varchar, "
-            "confirmed_at timestamptz, origin varchar, verified_at timestamptz, "
+            f"create table if not exists {snapshot} (website_id varchar not null, {columns}, "
             "primary key (website_id, identifier), unique (website_id, people_id))")
         have = set(self._columns(connection, "snapshot"))
         if "verified_at" not in have:  # a snapshot from before reconcile

@@ -44,14 +44,14 @@ from crisp_pipeline.crisp import contract
 from crisp_pipeline.crisp.contract import Reason
 from crisp_pipeline.crisp.pacing import counting_requests
 from crisp_pipeline.state.store import StateUnavailable
+from crisp_pipeline.names import PHASES, STATUSES
 
 from .profiles import held_values, profile_body
 
 log = logging.getLogger(__name__)
 
 # a person's status is the worst of their units'; `pending` until a unit of theirs is tried
-STATUS_RANK = {"pending": -1, "ok": 0, "deferred": 1, "rejected": 2, "gone": 3}
-PHASES = ("delete", "update", "create")
+STATUS_RANK = {"pending": -1, **{status: rank for rank, status in enumerate(STATUSES)}}
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from crisp_pipeline.changes.departures import HELD
 from crisp_pipeline.changes.guards import GuardVerdict
 from crisp_pipeline.crisp import CrispSettings
 from crisp_pipeline.crisp.pacing import RequestStats
+from crisp_pipeline.names import WORK_OPS
 from crisp_pipeline.state.store import Connect, StateStore, StateUnavailable, now
 
 from .client import ClientOptions, open_client
@@ -25,7 +26,6 @@ from .engine import Batch, SyncEngine, SyncSummary
 from .recording import outcome_frames
 
 log = logging.getLogger(__name__)
-WORK_OPS = ("create", "update", "delete")
 
 
 class GuardRefusal(RuntimeError):
