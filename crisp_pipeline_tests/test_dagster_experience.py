@@ -81,7 +81,7 @@ def test_the_schedule_and_sensor_skip_while_any_run_materializes_the_activation(
     defs = dg.Definitions.merge(build_activation_defs(config),
                                 pipeline_definitions(str(tmp_path / "s.duckdb")))
     with dg.instance_for_test() as instance:
-        schedule = defs.get_schedule_def("sched_schedule")
+        schedule = defs.resolve_schedule_def("sched_schedule")
         fresh = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
         assert fresh.run_requests, "nothing in progress: the schedule must request a run"
         instance.add_run(dg.DagsterRun(
@@ -89,7 +89,7 @@ def test_the_schedule_and_sensor_skip_while_any_run_materializes_the_activation(
             asset_selection=frozenset({dg.AssetKey(selected)}) if selected else None))
         tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
         assert not tick.run_requests and "still in progress" in tick.skip_message
-        sensor = defs.get_sensor_def("sched_source_sensor")
+        sensor = defs.resolve_sensor_def("sched_source_sensor")
         with dg.build_sensor_context(instance=instance,
                                      resources=pipeline_definitions(
                                          str(tmp_path / "s.duckdb")).resources) as context:
@@ -106,7 +106,7 @@ def test_another_activations_run_does_not_hold_this_one_back(tmp_path):
             job_name="__ASSET_JOB", run_id=str(uuid.uuid4()),
             status=dg.DagsterRunStatus.STARTED,
             asset_selection=frozenset({dg.AssetKey(["theirs", "segment"])})))
-        tick = defs.get_schedule_def("mine_schedule").evaluate_tick(
+        tick = defs.resolve_schedule_def("mine_schedule").evaluate_tick(
             dg.build_schedule_context(instance=instance))
         assert tick.run_requests
 
@@ -264,7 +264,7 @@ def test_a_failed_run_is_reported_by_the_failure_sensor(emulator, tmp_path, monk
     pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="failing",
                             segment={"sql": "select * from no_such_table"})
     result = pipeline.run(expect_success=False)
-    sensor = pipeline.defs.get_sensor_def("failing_failure_alert")
+    sensor = pipeline.defs.resolve_sensor_def("failing_failure_alert")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING  # a webhook is set
     failure = next(e for e in result.all_events
                    if e.event_type == dg.DagsterEventType.RUN_FAILURE)
@@ -471,7 +471,7 @@ def test_a_guard_refusal_is_told_once_and_another_activations_failure_not_at_all
                          segment={"sql": "select * from nowhere"})
     (tmp_path / "other").mkdir(exist_ok=True)
     failed_elsewhere = other.run(expect_success=False)
-    sensor = pipeline.defs.get_sensor_def("once_failure_alert")
+    sensor = pipeline.defs.resolve_sensor_def("once_failure_alert")
     for result, instance in ((refused, pipeline.instance), (failed_elsewhere, other.instance)):
         failure = next(e for e in result.all_events
                        if e.event_type == dg.DagsterEventType.RUN_FAILURE)
@@ -493,7 +493,7 @@ def test_a_users_own_job_selecting_the_activation_holds_the_schedule_back(tmp_pa
         run = instance.create_run_for_job(job, run_id=str(uuid.uuid4()),
                                           status=dg.DagsterRunStatus.STARTED)
         assert run.asset_selection is None  # what makes it hard: no selection on the run
-        tick = defs.get_schedule_def("grp_schedule").evaluate_tick(
+        tick = defs.resolve_schedule_def("grp_schedule").evaluate_tick(
             dg.build_schedule_context(instance=instance))
         assert not tick.run_requests
 

@@ -33,9 +33,9 @@ from crisp_pipeline.warehouse import SegmentSource, SegmentSourceError
 from .automation import activation_schedule, failure_alert_sensor, watermark_sensor
 from .metadata import (change_set_metadata, column_schema, preview, rejected_rows,
                        segment_verdict, sync_metadata, verdict_of)
-from .resources import (CrispAlerts, CrispResource, CrispRunOptions, pipeline_resources, settings_factory,
-                        source_of, source_resource_keys, state_connector, state_kind,
-                        state_store, warehouse_kind)
+from .resources import (CrispAlerts, CrispResource, CrispRunOptions, pipeline_resources,
+                        settings_factory, source_of, source_resource_keys, state_connector,
+                        state_kind, state_store, warehouse_kind)
 from .run_scope import STEPS, holding_activation, release_activation, website_lock
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,8 @@ def build_activation_defs(config: ActivationConfig,
 
     upstream, external = source_asset(config)
 
-    @dg.asset(key=key("segment"), kinds={warehouse_kind(config), "polars", *extra_kinds}, deps=[upstream],
-              required_resource_keys=reading, **common,
+    @dg.asset(key=key("segment"), kinds={warehouse_kind(config), "polars", *extra_kinds},
+              deps=[upstream], required_resource_keys=reading, **common,
               description=f"The people of segment {name!r}, normalised; bad rows split off "
               "with a reason (table `rejected`).")
     def segment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -105,7 +105,8 @@ def build_activation_defs(config: ActivationConfig,
             release_activation(context.op_execution_context, crisp_db, config)
         return result
 
-    @dg.asset(key=key("crisp_snapshot"), deps=[segment], kinds={"crisp", state_kind(), *extra_kinds},
+    @dg.asset(key=key("crisp_snapshot"), deps=[segment],
+              kinds={"crisp", state_kind(), *extra_kinds},
               required_resource_keys=reading, **common,
               description="What Crisp holds for the people this activation manages, as last "
               "confirmed; people already in Crisp are adopted by email, never duplicated.")
@@ -136,10 +137,11 @@ def build_activation_defs(config: ActivationConfig,
             "reconcile": dg.MetadataValue.json(reconciled.as_metadata()),
         })
 
-    @dg.asset(key=key("change_set"), deps=[crisp_snapshot], kinds={"polars", state_kind(), *extra_kinds},
-              required_resource_keys=reading, **common, description="Per person: create, update (changed fields, old and new "
-              "values), delete, release or skip (with the reason). History in "
-              "`change_set_history`.")
+    @dg.asset(key=key("change_set"), deps=[crisp_snapshot],
+              kinds={"polars", state_kind(), *extra_kinds},
+              required_resource_keys=reading, **common,
+              description="Per person: create, update (changed fields, old and new values), "
+              "delete, release or skip (with the reason). History in `change_set_history`.")
     def change_set(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         crisp_db, crisp, crisp_run = pipeline_resources(context)
         store = state_store(crisp_db, config)

