@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from crisp_pipeline.activation import SegmentQuery
 from crisp_pipeline.redact import redact
-from crisp_pipeline.warehouse import SegmentSourceError
+from crisp_pipeline.warehouse import QuerySource, SegmentSourceError
 
 _OPAQUE = "arrow.opaque"  # ADBC's Postgres driver hands `numeric` over as text in this type
 _POSTGRES_TYPE = b"POSTGRESQL:type"
@@ -93,7 +93,7 @@ def arrow_to_polars(table: pa.Table, needed: set[str] | None = None) -> pl.DataF
     return pl.DataFrame(columns)
 
 
-class AdbcSource:
+class AdbcSource(QuerySource):
     """A segment read through an ADBC driver (`driver`: its Python module, e.g.
     `adbc_driver_postgresql`), at the URI held by the environment variable `uri_env`.
     `needed`: the columns the activation reads (others the query returns may be of any
@@ -105,10 +105,6 @@ class AdbcSource:
         self.query = query
         self.activation = activation
         self.needed = set(needed) if needed is not None else None
-
-    @property
-    def sql(self) -> str:
-        return self.query.sql or f"select * from {self.query.table}"
 
     @property
     def label(self) -> str:
@@ -184,15 +180,3 @@ class AdbcSource:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["table"]
-
-    def read(self) -> pl.DataFrame:
-        return self._run(self.sql, "segment query", self.needed)
-
-    def watermark(self) -> str | None:
-        if not self.query.watermark_sql:
-            return None
-        frame = self._run(self.query.watermark_sql, "watermark query", None)
-        if frame.is_empty() or frame.width == 0:
-            return None
-        value = frame.row(0)[0]
-        return None if value is None else str(value)

@@ -28,17 +28,41 @@ class SegmentSource(Protocol):
     def watermark(self) -> str | None: ...
 
 
-class DuckDBSource:
-    def __init__(self, connect: Connect, query: SegmentQuery, activation: str) -> None:
-        self._connect = connect
-        self.query = query
-        self.activation = activation
+class QuerySource:
+    """What every SQL source shares: the segment's query (`sql`, or every column of
+    `table`), read with the columns the activation reads (`needed`), and the watermark: the
+    first value its query returns, as text (None: no watermark query, or no value)."""
+
+    query: SegmentQuery
+    needed: set[str] | None = None
 
     @property
     def sql(self) -> str:
         return self.query.sql or f"select * from {self.query.table}"
 
-    def _run(self, sql: str, what: str) -> duckdb.DuckDBPyRelation | pl.DataFrame:
+    def _run(self, sql: str, what: str, needed: set[str] | None) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def read(self) -> pl.DataFrame:
+        return self._run(self.sql, "segment query", self.needed)
+
+    def watermark(self) -> str | None:
+        if not self.query.watermark_sql:
+            return None
+        frame = self._run(self.query.watermark_sql, "watermark query", None)
+        if frame.is_empty() or frame.width == 0:
+            return None
+        value = frame.row(0)[0]
+        return None if value is None else str(value)
+
+
+class DuckDBSource(QuerySource):
+    def __init__(self, connect: Connect, query: SegmentQuery, activation: str) -> None:
+        self._connect = connect
+        self.query = query
+        self.activation = activation
+
+    def _run(self, sql: str, what: str, needed: set[str] | None = None) -> pl.DataFrame:
         try:
             with self._connect() as connection:
                 return connection.sql(sql).pl()
@@ -46,18 +70,6 @@ class DuckDBSource:
             raise SegmentSourceError(
                 f"activation {self.activation!r}: the {what} failed in DuckDB: "
                 f"{type(error).__name__}: {error}") from None
-
-    def read(self) -> pl.DataFrame:
-        return self._run(self.sql, "segment query")
-
-    def watermark(self) -> str | None:
-        if not self.query.watermark_sql:
-            return None
-        frame = self._run(self.query.watermark_sql, "watermark query")
-        if frame.is_empty() or frame.width == 0:
-            return None
-        value = frame.row(0)[0]
-        return None if value is None else str(value)
 
 
 def segment_source(query: SegmentQuery, activation: str, duckdb_connect: Connect,

@@ -21,7 +21,7 @@ import polars as pl
 
 from crisp_pipeline.activation import SegmentQuery
 from crisp_pipeline.adbc import UnreadableColumn, arrow_to_polars
-from crisp_pipeline.warehouse import SegmentSourceError
+from crisp_pipeline.warehouse import QuerySource, SegmentSourceError
 
 
 def _from_cursor(cursor: Any) -> pa.Table:
@@ -87,7 +87,7 @@ def _query(resource: Any, sql: str) -> pa.Table:
     raise TypeError(f"{type(resource).__name__} has neither get_connection() nor get_client()")
 
 
-class ResourceSource:
+class ResourceSource(QuerySource):
     """A segment read through the Dagster resource bound to `query.resource_key`."""
 
     def __init__(self, resource: Any, query: SegmentQuery, activation: str,
@@ -96,10 +96,6 @@ class ResourceSource:
         self.query = query
         self.activation = activation
         self.needed = set(needed) if needed is not None else None
-
-    @property
-    def sql(self) -> str:
-        return self.query.sql or f"select * from {self.query.table}"
 
     def _run(self, sql: str, what: str, needed: set[str] | None) -> pl.DataFrame:
         label = f"resource {self.query.resource_key!r} ({type(self.resource).__name__})"
@@ -119,15 +115,3 @@ class ResourceSource:
             raise SegmentSourceError(
                 f"activation {self.activation!r}: the {what} through {label} returned what "
                 f"the segment cannot take: {error}") from None
-
-    def read(self) -> pl.DataFrame:
-        return self._run(self.sql, "segment query", self.needed)
-
-    def watermark(self) -> str | None:
-        if not self.query.watermark_sql:
-            return None
-        frame = self._run(self.query.watermark_sql, "watermark query", None)
-        if frame.is_empty() or frame.width == 0:
-            return None
-        value = frame.row(0)[0]
-        return None if value is None else str(value)
