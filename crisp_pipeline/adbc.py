@@ -101,10 +101,8 @@ class AdbcSource(QuerySource):
 
     def __init__(self, driver: str, query: SegmentQuery, activation: str,
                  needed: list[str] | None = None) -> None:
+        super().__init__(query, activation, needed)
         self.driver = driver
-        self.query = query
-        self.activation = activation
-        self.needed = set(needed) if needed is not None else None
 
     @property
     def label(self) -> str:

@@ -33,8 +33,11 @@ class QuerySource:
     `table`), read with the columns the activation reads (`needed`), and the watermark: the
     first value its query returns, as text (None: no watermark query, or no value)."""
 
-    query: SegmentQuery
-    needed: set[str] | None = None
+    def __init__(self, query: SegmentQuery, activation: str,
+                 needed: list[str] | None = None) -> None:
+        self.query = query
+        self.activation = activation
+        self.needed = set(needed) if needed is not None else None
 
     @property
     def sql(self) -> str:
@@ -58,9 +61,8 @@ class QuerySource:
 
 class DuckDBSource(QuerySource):
     def __init__(self, connect: Connect, query: SegmentQuery, activation: str) -> None:
+        super().__init__(query, activation)
         self._connect = connect
-        self.query = query
-        self.activation = activation
 
     def _run(self, sql: str, what: str, needed: set[str] | None = None) -> pl.DataFrame:
         try:

@@ -92,10 +92,8 @@ class ResourceSource(QuerySource):
 
     def __init__(self, resource: Any, query: SegmentQuery, activation: str,
                  needed: list[str] | None = None) -> None:
+        super().__init__(query, activation, needed)
         self.resource = resource
-        self.query = query
-        self.activation = activation
-        self.needed = set(needed) if needed is not None else None
 
     def _run(self, sql: str, what: str, needed: set[str] | None) -> pl.DataFrame:
         label = f"resource {self.query.resource_key!r} ({type(self.resource).__name__})"

@@ -186,6 +186,16 @@ def test_the_last_progress_line_is_logged_once(emulator, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- alerts
 
 
+def evaluate_failure_sensor(sensor, result, instance) -> None:
+    """Run the failure-alert sensor on a failed run, as the daemon would."""
+    failure = next(e for e in result.all_events
+                   if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+    sensor(dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(result.run_id), dagster_event=failure,
+        resources={"crisp_alerts": CrispAlerts()}).for_run_failure())
+
+
 class Receiver:
     """A local webhook: every POST body it received, as JSON."""
 
@@ -266,13 +276,7 @@ def test_a_failed_run_is_reported_by_the_failure_sensor(emulator, tmp_path, monk
     result = pipeline.run(expect_success=False)
     sensor = pipeline.defs.resolve_sensor_def("failing_failure_alert")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING  # a webhook is set
-    failure = next(e for e in result.all_events
-                   if e.event_type == dg.DagsterEventType.RUN_FAILURE)
-    context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_instance=pipeline.instance,
-        dagster_run=pipeline.instance.get_run_by_id(result.run_id), dagster_event=failure,
-        resources={"crisp_alerts": CrispAlerts()}).for_run_failure()
-    sensor(context)
+    evaluate_failure_sensor(sensor, result, pipeline.instance)
     [alert] = webhook.received
     assert alert["event"] == "run_failed" and alert["run_id"] == result.run_id
 
@@ -473,12 +477,7 @@ def test_a_guard_refusal_is_told_once_and_another_activations_failure_not_at_all
     failed_elsewhere = other.run(expect_success=False)
     sensor = pipeline.defs.resolve_sensor_def("once_failure_alert")
     for result, instance in ((refused, pipeline.instance), (failed_elsewhere, other.instance)):
-        failure = next(e for e in result.all_events
-                       if e.event_type == dg.DagsterEventType.RUN_FAILURE)
-        sensor(dg.build_run_status_sensor_context(
-            sensor_name=sensor.name, dagster_instance=instance,
-            dagster_run=instance.get_run_by_id(result.run_id), dagster_event=failure,
-            resources={"crisp_alerts": CrispAlerts()}).for_run_failure())
+        evaluate_failure_sensor(sensor, result, instance)
     assert webhook.events() == ["guard_refused"]
 
 

@@ -2,9 +2,11 @@
 step redoes when its own run did not do them."""
 
 
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -74,6 +76,15 @@ def build_activation_defs(config: ActivationConfig,
     def source(context: Any) -> SegmentSource:
         return source_of(config, context.resources)
 
+    @contextlib.contextmanager
+    def preparing(context: Any, step: str) -> Iterator[_Preparation]:
+        """A step that may redo earlier ones: its run's hold on the activation, and what
+        the earlier steps need (see `_Preparation`)."""
+        crisp_db, crisp, crisp_run = pipeline_resources(context)
+        with holding_activation(context, crisp_db, config, crisp_run, step):
+            yield _Preparation(context, state_store(crisp_db, config), config, crisp, crisp_db,
+                               crisp_run, source(context))
+
     upstream, external = source_asset(config)
 
     @dg.asset(key=key("segment"), kinds={warehouse_kind(config), "polars", *extra_kinds},
@@ -111,11 +122,8 @@ def build_activation_defs(config: ActivationConfig,
               description="What Crisp holds for the people this activation manages, as last "
               "confirmed; people already in Crisp are adopted by email, never duplicated.")
     def crisp_snapshot(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        crisp_db, crisp, crisp_run = pipeline_resources(context)
-        store = state_store(crisp_db, config)
-        with holding_activation(context, crisp_db, config, crisp_run, "crisp_snapshot"):
-            prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
-                                   source(context))
+        with preparing(context, "crisp_snapshot") as prepare:
+            store = prepare.store
             prepare.through("segment")
             changes, rekeyed, report, reconciled = prepare.snapshot()
         for change in changes:
@@ -143,16 +151,13 @@ def build_activation_defs(config: ActivationConfig,
               description="Per person: create, update (changed fields, old and new values), "
               "delete, release or skip (with the reason). History in `change_set_history`.")
     def change_set(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        crisp_db, crisp, crisp_run = pipeline_resources(context)
-        store = state_store(crisp_db, config)
-        with holding_activation(context, crisp_db, config, crisp_run, "change_set"):
-            prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
-                                   source(context))
+        with preparing(context, "change_set") as prepare:
+            store = prepare.store
             prepare.through("crisp_snapshot")
             planned = prepare.change_set()
             return dg.MaterializeResult(metadata={
-                **change_set_metadata(store, config, planned,
-                                       crisp.budget_left(state_connector(crisp_db))),
+                **change_set_metadata(store, config, planned, prepare.crisp.budget_left(
+                    state_connector(prepare.crisp_db))),
                 "configuration_changes": dg.MetadataValue.json(
                     store.configuration_changes(context.run.run_id))})
 
@@ -187,17 +192,16 @@ def build_activation_defs(config: ActivationConfig,
               "the snapshot. Per-person outcomes in table `outcomes`. A dry run records an "
               "observation, never a materialization: the activation does not look synced.")
     def crisp_sync(context: dg.AssetExecutionContext):
-        crisp_db, crisp, crisp_run = pipeline_resources(context)
-        store, run_id = state_store(crisp_db, config), context.run.run_id
+        run_id = context.run.run_id
 
         def progress(done: int, total: int, seconds: float) -> None:
             rate = done / seconds if seconds else 0.0
             eta = (total - done) / rate if rate else 0.0
             context.log.info(f"{name}: {done}/{total} people, {rate:.1f}/s, ETA {eta:.0f}s")
 
-        with holding_activation(context, crisp_db, config, crisp_run, "crisp_sync"):
-            prepare = _Preparation(context, store, config, crisp, crisp_db, crisp_run,
-                                   source(context))
+        with preparing(context, "crisp_sync") as prepare:
+            store, crisp, crisp_db, crisp_run = (prepare.store, prepare.crisp, prepare.crisp_db,
+                                                 prepare.options)
             recomputed = prepare.through("change_set")
             try:
                 deadline = (time.monotonic() + crisp_run.sync_deadline_minutes * 60
@@ -213,13 +217,14 @@ def build_activation_defs(config: ActivationConfig,
                     only=frozenset(crisp_run.only) if crisp_run.only else None)
             except (GuardRefusal, StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
+        values = report.as_metadata()
         if not crisp_run.dry_run:
             for alert in alerts.sync_alerts(
-                    name, report.as_metadata(), run_id=run_id,
+                    name, values, run_id=run_id,
                     webserver_url=context.resources.crisp_alerts.link_base(),
                     failed_share=context.resources.crisp_alerts.max_failed_share):
                 context.resources.crisp_alerts.send(alert)
-        metadata = {**sync_metadata(report.as_metadata()),
+        metadata = {**sync_metadata(values),
                     "recomputed_change_set": recomputed,
                     "dagster/table_name": f"{config.state_schema}.outcomes"}
         if crisp_run.dry_run:  # seen, not synced
