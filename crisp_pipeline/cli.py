@@ -132,6 +132,11 @@ def try_one(activation: str, identifier: str, send: bool, module: str) -> None:
                     else str(e.step_failure_data.user_failure_data)
                     for e in result.all_events if e.is_step_failure]
         raise click.ClickException("; ".join(failures) or "the run failed")
+    from crisp_pipeline.orchestration.metadata import refusal_of
+
+    refused = refusal_of(result)
+    if refused:
+        raise click.ClickException(f"refused by mirror_guards: {refused}")
     crisp_db = definitions.resources.get("crisp_db") if definitions.resources else None
     row = _change_of(getattr(crisp_db, "database", None) or _db_path(None), activation,
                      identifier)

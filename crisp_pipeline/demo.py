@@ -171,6 +171,7 @@ def _value(metadata: dict, key: str, default=0):
 
 def run_activations(run: int, instance) -> list[RunLine]:
     from crisp_pipeline.definitions import defs
+    from crisp_pipeline.orchestration.metadata import refusal_of
 
     definitions = defs()
     lines = []
@@ -197,11 +198,15 @@ def run_activations(run: int, instance) -> list[RunLine]:
         line.failed_writes = _value(sync, "people_rejected") + _value(sync, "people_deferred")
         line.requests = _value(snapshot, "requests_sent") + _value(sync, "requests_sent")
         line.writes = _value(sync, "write_requests")
+        refused = refusal_of(result)
+        if refused:
+            line.note = f"REFUSED: {refused}"
         if not result.success:
-            line.note = next((str(e.step_failure_data.user_failure_data.description
-                                  if e.step_failure_data.user_failure_data else
-                                  e.step_failure_data.error.message)
-                              for e in result.all_events if e.is_step_failure), "check failed")
+            line.note = "FAILED: " + next(
+                (str(e.step_failure_data.user_failure_data.description
+                     if e.step_failure_data.user_failure_data else
+                     e.step_failure_data.error.message)
+                 for e in result.all_events if e.is_step_failure), "check failed")
         lines.append(line)
     return lines
 
@@ -212,7 +217,7 @@ def format_lines(lines: list[RunLine]) -> str:
               f"{'secs':>7}")
     body = [f"{l.activation:<22}{l.run:>4}{l.created:>9}{l.updated:>9}{l.deleted:>9}"
             f"{l.skipped:>9}{l.rejected_rows:>10}{l.failed_writes:>8}{l.requests:>10}"
-            f"{l.writes:>8}{l.seconds:>7.1f}" + (f"  FAILED: {l.note}" if not l.success else "")
+            f"{l.writes:>8}{l.seconds:>7.1f}" + (f"  {l.note}" if l.note else "")
             for l in lines]
     return "\n".join([header, *body])
 

@@ -12,6 +12,7 @@ from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.component import build_activation_defs, default_resources
 from crisp_pipeline.changes.encode import same_value
 from crisp_pipeline.emulator import RunningEmulator
+from crisp_pipeline.orchestration.metadata import refusal_of
 from crisp_pipeline.state.store import StateStore, connect_state
 from crisp_pipeline.sync.profiles import held_values
 
@@ -107,3 +108,8 @@ class Pipeline:
 
     def checks(self, result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
         return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+    def refusal(self, result: dg.ExecuteInProcessResult) -> str | None:
+        """Why the run's sync was refused (mirror's guards), or None: a refused run succeeds,
+        materializes no sync and says why in an observation of `crisp_sync`."""
+        return refusal_of(result)

@@ -7,6 +7,7 @@ user's own project sees it (scaffolded, checked by `dg`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -263,10 +264,43 @@ def test_a_guard_refusal_is_reported(emulator, tmp_path, monkeypatch, webhook):
     pipeline.load([{"email": f"g{i}@x.io", "plan": "pro"} for i in range(5)])
     pipeline.run()
     pipeline.load([{"email": "g0@x.io", "plan": "pro"}])
-    pipeline.run(expect_success=False)
+    pipeline.run()
     [alert] = webhook.received
     assert alert["event"] == "guard_refused" and alert["counts"]["deletes"] == 4
     assert "max_deletes" in alert["text"]
+
+
+def test_a_guard_refusal_reads_as_one_paragraph_not_a_stack_trace(emulator, tmp_path,
+                                                                   monkeypatch, webhook):
+    """What the run page shows: no failed step (each would carry Dagster's stack trace), the
+    check failed with the reason, one ERROR line, the run tagged, the sync not materialized
+    (the activation does not look synced) and nothing sent; a dry run is refused the same way
+    and alerts nobody."""
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="calm", mode="mirror",
+                            attributes=["plan"],
+                            guards={"max_deletes": 1, "max_delete_fraction": 1.0})
+    pipeline.load([{"email": f"c{i}@x.io", "plan": "pro"} for i in range(4)])
+    pipeline.run()
+    synced = pipeline.instance.get_latest_materialization_event(
+        dg.AssetKey(["calm", "crisp_sync"])).run_id
+    pipeline.load([{"email": "c0@x.io", "plan": "pro"}])
+    for dry_run in (True, False):
+        result = pipeline.run(dry_run=dry_run)
+        assert not [e for e in result.all_events if e.is_step_failure]
+        assert pipeline.instance.get_run_by_id(result.run_id).tags["crisp/refused"] \
+            == "mirror_guards"
+        errors = [entry.user_message for entry in pipeline.instance.all_logs(result.run_id)
+                  if entry.level >= logging.ERROR]
+        assert len(errors) == 1 and "3 people would be deleted" in errors[0], errors
+        assert "Traceback" not in errors[0] and "\n" not in errors[0]
+        assert "override_guards: true" in pipeline.refusal(result)
+        assert not pipeline.checks(result)["mirror_guards"].passed
+        assert pipeline.writes_of_last_run() == 0 and len(pipeline.crisp()) == 4
+        assert pipeline.instance.get_latest_materialization_event(
+            dg.AssetKey(["calm", "crisp_sync"])).run_id == synced
+        assert webhook.events() == ([] if dry_run else ["guard_refused"])
+    pipeline.run(override_guards=True)
+    assert list(pipeline.crisp()) == ["c0@x.io"]
 
 
 def test_a_failed_run_is_reported_by_the_failure_sensor(emulator, tmp_path, monkeypatch,
@@ -289,8 +323,9 @@ def test_an_unreachable_webhook_never_fails_the_run(emulator, tmp_path, monkeypa
     pipeline.load([{"email": f"d{i}@x.io", "plan": "pro"} for i in range(3)])
     pipeline.run()
     pipeline.load([{"email": "d0@x.io", "plan": "pro"}])
-    result = pipeline.run(expect_success=False)  # the refusal stands; the alert is lost
-    assert not pipeline.checks(result)["mirror_guards"].passed
+    result = pipeline.run()  # the refusal stands; the alert is lost
+    assert not pipeline.checks(result)["mirror_guards"].passed and pipeline.refusal(result)
+    assert pipeline.crisp().keys() == {"d0@x.io", "d1@x.io", "d2@x.io"}
 
 
 # ---------------------------------------------------------------- a user's own project
@@ -470,14 +505,14 @@ def test_a_guard_refusal_is_told_once_and_another_activations_failure_not_at_all
     pipeline.load([{"email": f"o{i}@x.io", "plan": "pro"} for i in range(4)])
     pipeline.run()
     pipeline.load([{"email": "o0@x.io", "plan": "pro"}])
-    refused = pipeline.run(expect_success=False)
+    refused = pipeline.run()  # a refused run succeeds: no run failure to tell twice
+    assert pipeline.refusal(refused)
     other = pipeline_for(emulator, tmp_path / "other", monkeypatch, name="other",
                          segment={"sql": "select * from nowhere"})
     (tmp_path / "other").mkdir(exist_ok=True)
     failed_elsewhere = other.run(expect_success=False)
     sensor = pipeline.defs.resolve_sensor_def("once_failure_alert")
-    for result, instance in ((refused, pipeline.instance), (failed_elsewhere, other.instance)):
-        evaluate_failure_sensor(sensor, result, instance)
+    evaluate_failure_sensor(sensor, failed_elsewhere, other.instance)
     assert webhook.events() == ["guard_refused"]
 
 
@@ -506,3 +541,27 @@ def test_bad_presentation_values_are_refused_naming_the_setting(attributes, mess
     from crisp_pipeline.component import CrispActivation
     with pytest.raises(ValueError, match=message):
         CrispActivation(name="x", segment={"table": "t"}, **attributes)
+
+
+
+@pytest.mark.parametrize("held_elsewhere, methods", [(set(), ["DELETE"]), ({"id-s"}, [])])
+def test_a_preview_deletes_only_whom_the_sync_would(held_elsewhere, methods):
+    """The gate the sync asks before a delete (another activation may have taken the person
+    on since the change set was planned) is asked by the preview too."""
+    from crisp_pipeline.sync.preview import planned_requests
+
+    from .test_engine import SETTINGS
+
+    departed = {"identifier": "s@x.io", "op": "delete", "email": "s@x.io",
+                "people_id": "id-s", "new_values": None, "data_values": None,
+                "old_values": None}
+    config = ActivationConfig(name="gate", mode="mirror", segment={"table": "t"},
+                              attributes=["plan"])
+    asked = []
+
+    def holders(people_ids: list[str]) -> set[str]:
+        asked.append(people_ids)
+        return held_elsewhere
+    requests = planned_requests([departed], config, SETTINGS, 0.0,
+                                is_managed=lambda people_id: True, held_elsewhere=holders)
+    assert [r["method"] for r in requests] == methods and asked == [["id-s"]]

@@ -155,11 +155,12 @@ def test_mirror_refuses_an_empty_segment_unless_overridden(emulator, tmp_path, m
     pipeline.load([{"email": f"m{i}@x.io", "plan": "pro"} for i in range(3)])
     pipeline.run()
     pipeline.load(pl.DataFrame(schema={"email": pl.String, "plan": pl.String}))
-    result = pipeline.run(expect_success=False)
+    result = pipeline.run()  # a refusal is an outcome, not a crash
     guard = pipeline.checks(result)["mirror_guards"]
     assert not guard.passed and "is empty" in guard.description
     assert "override_guards: true" in guard.description
-    assert result.is_node_untouched("mirrored__crisp_sync")
+    assert "is empty" in pipeline.refusal(result)
+    assert not result.asset_materializations_for_node("mirrored__crisp_sync")
     assert pipeline.writes_of_last_run() == 0 and len(pipeline.crisp()) == 3
     pipeline.run(override_guards=True)
     assert pipeline.crisp() == {}
@@ -170,7 +171,7 @@ def test_mirror_refuses_too_many_deletions_and_a_dry_run_shows_who(emulator, tmp
     pipeline.load([{"email": f"m{i}@x.io", "plan": "pro"} for i in range(10)])
     pipeline.run()
     pipeline.load([{"email": f"m{i}@x.io", "plan": "pro"} for i in range(7)])
-    result = pipeline.run(expect_success=False)
+    result = pipeline.run()
     guard = pipeline.checks(result)["mirror_guards"]
     assert "3 people would be deleted, more than max_deletes (2)" in guard.description
     assert pipeline.writes_of_last_run() == 0

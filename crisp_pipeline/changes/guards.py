@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from crisp_pipeline.activation import ActivationConfig, Mode
 
-OVERRIDE_HINT = ("to go ahead for one run, launch it with run config "
+OVERRIDE_HINT = ("To go ahead once, launch a run with the run config "
                  "`resources: {crisp_run: {config: {override_guards: true}}}` "
-                 "(or `crisp-pipeline demo`-style Python: CrispRunOptions(override_guards=True))")
+                 "(in Python: CrispRunOptions(override_guards=True)).")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class GuardVerdict:
             return (f"{self.deletes} deletion(s) of {self.managed} managed people{window}: "
                     "within limits")
         return "; ".join(self.problems) + f". {OVERRIDE_HINT}"
+
+    def refusal(self) -> str:
+        """The paragraph a refused sync shows and alerts: why, what happened, what to do."""
+        return "; ".join(self.problems) + f". Nothing was sent. {OVERRIDE_HINT}"
 
 
 def evaluate_guards(config: ActivationConfig, deletes: int, managed: int,

@@ -14,6 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from crisp_pipeline import alerts
 from crisp_pipeline.activation import ActivationConfig, Mode
+from crisp_pipeline.changes.guards import GuardVerdict
 from crisp_pipeline.changes.normalize import SegmentSchemaError
 from crisp_pipeline.crisp import CrispError, StopRun
 from crisp_pipeline.state import locks
@@ -33,12 +34,13 @@ from crisp_pipeline.sync.run import GuardRefusal, StaleChangeSet, apply_change_s
 from crisp_pipeline.warehouse import SegmentSource, SegmentSourceError
 
 from .automation import activation_schedule, failure_alert_sensor, watermark_sensor
-from .metadata import (change_set_metadata, column_schema, preview, rejected_rows,
-                       segment_verdict, sync_metadata, verdict_of)
-from .resources import (CrispAlerts, CrispResource, CrispRunOptions, pipeline_resources,
+from .metadata import (change_set_metadata, column_schema, guard_counts, guard_result, preview,
+                       rejected_rows, segment_verdict, sync_metadata, verdict_of)
+from .resources import (CrispResource, CrispRunOptions, pipeline_resources,
                         settings_factory, source_of, source_resource_keys, state_connector,
                         state_kind, state_store, warehouse_kind)
-from .run_scope import STEPS, holding_activation, release_activation, website_lock
+from .run_scope import (REFUSED_TAG, STEPS, holding_activation, release_activation,
+                        website_lock)
 
 @dataclasses.dataclass(frozen=True)
 class AssetPresentation:
@@ -145,9 +147,17 @@ def build_activation_defs(config: ActivationConfig,
             "reconcile": dg.MetadataValue.json(reconciled.as_metadata()),
         })
 
+    guard_specs = ([dg.AssetCheckSpec(
+        "mirror_guards", asset=key("change_set"),
+        description="Mirror refuses an empty segment and deletions beyond max_deletes / "
+        "max_delete_fraction (in the run and over the rolling window), unless the run "
+        "overrides its guards. A refusal is not a crash: the run ends with this check failed, "
+        "the tag `crisp/refused`, an alert, and nothing sent (see `crisp_sync`).")]
+        if config.mode == Mode.MIRROR else [])  # (deleting is mirror's alone)
+
     @dg.asset(key=key("change_set"), deps=[crisp_snapshot],
               kinds={"polars", state_kind(), *extra_kinds},
-              required_resource_keys=reading, **common,
+              required_resource_keys=reading, check_specs=guard_specs, **common,
               description="Per person: create, update (changed fields, old and new values), "
               "delete, release or skip (with the reason). History in `change_set_history`.")
     def change_set(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -155,36 +165,13 @@ def build_activation_defs(config: ActivationConfig,
             store = prepare.store
             prepare.through("crisp_snapshot")
             planned = prepare.change_set()
+            checks = ([guard_result(current_verdict(store, config), prepare.options)]
+                      if guard_specs else [])
             return dg.MaterializeResult(metadata={
                 **change_set_metadata(store, config, planned, prepare.crisp.budget_left(
                     state_connector(prepare.crisp_db))),
                 "configuration_changes": dg.MetadataValue.json(
-                    store.configuration_changes(context.run.run_id))})
-
-    @dg.asset_check(asset=key("change_set"), blocking=True, name="mirror_guards",
-                    description="Mirror refuses an empty segment and deletions beyond "
-                    "max_deletes / max_delete_fraction (in the run and over the rolling "
-                    "window), unless the run overrides its guards.")
-    def mirror_guards(context: dg.AssetCheckExecutionContext, crisp_db: DuckDBResource,
-                      crisp_run: CrispRunOptions,
-                      crisp_alerts: CrispAlerts) -> dg.AssetCheckResult:
-        verdict = current_verdict(state_store(crisp_db, config), config)
-        overridden = not verdict.passed and crisp_run.override_guards
-        if not (verdict.passed or overridden):
-            release_activation(context.op_execution_context, crisp_db, config)
-            run_id = context.op_execution_context.run.run_id
-            crisp_alerts.send(alerts.Alert(
-                "guard_refused", name, f"{verdict.describe()} Nothing was sent.", run_id,
-                alerts.run_url(crisp_alerts.link_base(), run_id),
-                {"deletes": verdict.deletes, "managed": verdict.managed}))
-        return dg.AssetCheckResult(
-            passed=verdict.passed or overridden, severity=dg.AssetCheckSeverity.ERROR,
-            description=("guards overridden for this run: " if overridden else "")
-            + verdict.describe(),
-            metadata={"deletes": verdict.deletes, "managed": verdict.managed,
-                      "deleted_in_window": verdict.deleted_in_window,
-                      "delete_fraction": round(verdict.fraction, 4),
-                      "override_guards": crisp_run.override_guards})
+                    store.configuration_changes(context.run.run_id))}, check_results=checks)
 
     @dg.asset(key=key("crisp_sync"), deps=[change_set], kinds={"crisp", "api", *extra_kinds},
               required_resource_keys=reading, output_required=False, **common,
@@ -203,19 +190,22 @@ def build_activation_defs(config: ActivationConfig,
             store, crisp, crisp_db, crisp_run = (prepare.store, prepare.crisp, prepare.crisp_db,
                                                  prepare.options)
             recomputed = prepare.through("change_set")
+            verdict = current_verdict(store, config)
             try:
                 deadline = (time.monotonic() + crisp_run.sync_deadline_minutes * 60
                             if crisp_run.sync_deadline_minutes else None)
                 report = apply_change_set(
                     store, config, run_id, settings_factory(crisp, config),
                     crisp.client_options(deadline), state_connector(crisp_db),
-                    dry_run=crisp_run.dry_run,
-                    verdict=current_verdict(store, config),
+                    dry_run=crisp_run.dry_run, verdict=verdict,
                     override_guards=crisp_run.override_guards, progress=progress,
                     heartbeat=lambda: locks.heartbeat(state_connector(crisp_db), name, run_id),
                     website_lock=website_lock(context, crisp_db, store, config, crisp_run),
                     only=frozenset(crisp_run.only) if crisp_run.only else None)
-            except (GuardRefusal, StaleChangeSet, CrispError, locks.ActivationLocked) as error:
+            except GuardRefusal:
+                refuse(context, verdict, dry_run=crisp_run.dry_run)
+                return
+            except (StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
         values = report.as_metadata()
         if not crisp_run.dry_run:
@@ -233,6 +223,25 @@ def build_activation_defs(config: ActivationConfig,
             return
         yield dg.MaterializeResult(metadata=metadata)
 
+    def refuse(context: dg.AssetExecutionContext, verdict: GuardVerdict, dry_run: bool) -> None:
+        """Mirror's guards refused: an expected outcome, told in one paragraph, not a crash
+        with a stack trace. Nothing is sent and nothing is materialized (the activation does
+        not look synced); the run is tagged `crisp/refused` and the alert goes out. The run
+        itself succeeds: it did what it is for, and a failed run would be retried by a run
+        retry policy, spending requests to be refused again."""
+        run_id = context.run.run_id
+        text = verdict.refusal()
+        context.log.error(f"{name}: refused by mirror_guards: {text}")
+        context.instance.add_run_tags(run_id, {REFUSED_TAG: "mirror_guards"})
+        context.log_event(dg.AssetObservation(asset_key=key("crisp_sync"), metadata={
+            "refused": dg.MetadataValue.text(text), **guard_counts(verdict)}))
+        if not dry_run:
+            destination = context.resources.crisp_alerts
+            destination.send(alerts.Alert(
+                "guard_refused", name, text, run_id,
+                alerts.run_url(destination.link_base(), run_id),
+                {"deletes": verdict.deletes, "managed": verdict.managed}))
+
     @dg.asset_check(asset=key("crisp_sync"), name="no_failed_writes",
                     description="Warns when Crisp refused or deferred some writes of the run "
                     "(they are retried next run; see table `outcomes`).")
@@ -247,8 +256,6 @@ def build_activation_defs(config: ActivationConfig,
 
     assets = [segment, crisp_snapshot, change_set, crisp_sync]
     checks = [segment_usable, no_failed_writes]
-    if config.mode == Mode.MIRROR:  # (deleting is mirror's alone)
-        checks.insert(1, mirror_guards)
     job = dg.define_asset_job(
         name=f"{name}_job", selection=dg.AssetSelection.assets(*assets),
         executor_def=dg.in_process_executor, tags={"crisp/activation": name},

@@ -124,11 +124,11 @@ def failure_alert_sensor(config: ActivationConfig, job: Any,
         prefix = step_prefix(keys)
         failed = {e.step_key for e in context.get_step_failure_events() if e.step_key}
         mine = {step for step in failed if step.startswith(prefix)}
-        # a refusal of the guards was told as such (`guard_refused`); a run that failed
-        # elsewhere ("Materialize all", another activation) is not this activation's
-        if not mine or mine == {f"{prefix}change_set_mirror_guards"}:
-            if failed or not touches_activation(context.instance, run, job.name, keys):
-                return
+        # a run that failed elsewhere ("Materialize all", another activation) is not this
+        # activation's (a refusal of the guards is no failure: it is told as `guard_refused`)
+        if not mine and (failed or not touches_activation(context.instance, run, job.name,
+                                                          keys)):
+            return
         destination = crisp_alerts
         message = (context.failure_event.message or "the run failed").splitlines()[0]
         destination.send(alerts.Alert(

@@ -11,6 +11,7 @@ import polars as pl
 
 from crisp_pipeline.activation import ActivationConfig, Mode
 from crisp_pipeline.changes.diff import counts_by_op
+from crisp_pipeline.changes.guards import GuardVerdict
 from crisp_pipeline.changes.plan import request_plan
 from crisp_pipeline.crisp.config import daily_quota_from_env
 from crisp_pipeline.state.store import StateStore
@@ -35,6 +36,34 @@ def preview(frame: pl.DataFrame) -> dg.MetadataValue:
 def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype))
                                    for name, dtype in frame.schema.items()])
+
+
+def guard_result(verdict: GuardVerdict, options: Any) -> dg.AssetCheckResult:
+    """mirror_guards, as the change set's check: failed (ERROR) when the guards refuse and the
+    run does not override them; the sync then refuses (see `crisp_sync`)."""
+    overridden = not verdict.passed and options.override_guards
+    return dg.AssetCheckResult(
+        check_name="mirror_guards", passed=verdict.passed or overridden,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=("guards overridden for this run: " if overridden else "")
+        + verdict.describe(),
+        metadata=guard_counts(verdict) | {"override_guards": options.override_guards})
+
+
+def guard_counts(verdict: GuardVerdict) -> dict[str, Any]:
+    return {"deletes": verdict.deletes, "managed": verdict.managed,
+            "deleted_in_window": verdict.deleted_in_window,
+            "delete_fraction": round(verdict.fraction, 4)}
+
+
+def refusal_of(result: Any) -> str | None:
+    """Why a run's sync was refused (the `refused` observation of `crisp_sync`), or None."""
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
+            metadata = event.asset_observation_data.asset_observation.metadata
+            if "refused" in metadata:
+                return metadata["refused"].value
+    return None
 
 
 def segment_verdict(accepted: int, rejected: pl.DataFrame) -> dg.AssetCheckResult:

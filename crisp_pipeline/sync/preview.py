@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -39,8 +39,12 @@ def _answer(request: httpx.Request) -> httpx.Response:
 
 
 def planned_requests(rows: list[dict[str, Any]], config: ActivationConfig,
-                     settings: CrispSettings, planned_at_ms: float) -> list[dict[str, Any]]:
-    """The requests the sync would send for `rows` (change-set rows), in order."""
+                     settings: CrispSettings, planned_at_ms: float, *,
+                     is_managed: Callable[[str], bool],
+                     held_elsewhere: Callable[[list[str]], set[str]]) -> list[dict[str, Any]]:
+    """The requests the sync would send for `rows` (change-set rows), in order. The state's
+    answers are the sync's own (`is_managed`, `held_elsewhere`): a person another activation
+    holds is released, not deleted, in the preview as in the sync."""
     written: list[dict[str, Any]] = []
 
     def note(request: httpx.Request) -> httpx.Response:
@@ -49,15 +53,15 @@ def planned_requests(rows: list[dict[str, Any]], config: ActivationConfig,
         return _answer(request)
 
     @contextlib.contextmanager
-    def no_gate(people_ids: list[str]) -> Iterator[set[str]]:
-        yield set()
+    def delete_gate(people_ids: list[str]) -> Iterator[set[str]]:
+        yield held_elsewhere(people_ids)  # (no lock: nothing is deleted)
 
     async def run() -> None:
         async with CrispClient(settings, max_in_flight=1,
                                transport=httpx.MockTransport(note)) as client:
             engine = SyncEngine(client, list(config.managed_columns), order=config.order,
                                 batch_size=config.batch_size, planned_at_ms=planned_at_ms,
-                                is_managed=lambda people_id: True, delete_gate=no_gate)
+                                is_managed=is_managed, delete_gate=delete_gate)
             await engine.apply(rows, lambda batch: None)
     asyncio.run(run())
     return written

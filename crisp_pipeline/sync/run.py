@@ -114,11 +114,16 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         log.info("change set of run %s was already applied; nothing to send", computed_by)
         work = work.clear()
     fields = list(config.managed_columns)
+
+    def is_managed(people_id: str) -> bool:
+        return bool(store.holders([people_id]))
+
     if dry_run and only is not None and not work.is_empty():
         from .preview import planned_requests
         report.requests = planned_requests(
             work.to_dicts(), config, settings_factory(),
-            work.get_column("computed_at")[0].timestamp() * 1000)
+            work.get_column("computed_at")[0].timestamp() * 1000,
+            is_managed=is_managed, held_elsewhere=store.holders_elsewhere)
     if not dry_run and not work.is_empty():
         computed_at = work.get_column("computed_at")[0]
 
@@ -143,8 +148,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                     engine = SyncEngine(client, fields, order=config.order,
                                         batch_size=config.batch_size, progress=progress,
                                         planned_at_ms=computed_at.timestamp() * 1000,
-                                        is_managed=lambda people_id: bool(
-                                            store.holders([people_id])),
+                                        is_managed=is_managed,
                                         delete_gate=delete_gate,
                                         deadline=options.deadline)
                     return await engine.apply(work.to_dicts(), record)
