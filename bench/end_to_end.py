@@ -42,7 +42,8 @@ from datasets import bench_arguments
 
 GIB = 1024 ** 3
 WEBSITE, TOKEN_ID, TOKEN_KEY = "bench", "bench-id", "bench-key"
-STEPS = ("segment", "segment_segment_usable", "crisp_snapshot", "change_set", "crisp_sync", "crisp_sync_no_failed_writes")
+STEPS = ("segment", "segment_segment_usable", "crisp_snapshot", "change_set", "crisp_sync",
+         "crisp_sync_no_failed_writes")
 
 
 def free_port() -> int:
