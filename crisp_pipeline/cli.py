@@ -134,7 +134,7 @@ def try_one(activation: str, identifier: str, send: bool, module: str) -> None:
         raise click.ClickException("; ".join(failures) or "the run failed")
     from crisp_pipeline.orchestration.metadata import refusal_of
 
-    refused = refusal_of(result)
+    refused = refusal_of(result, activation)
     if refused:
         raise click.ClickException(f"refused by mirror_guards: {refused}")
     crisp_db = definitions.resources.get("crisp_db") if definitions.resources else None

@@ -198,7 +198,7 @@ def run_activations(run: int, instance) -> list[RunLine]:
         line.failed_writes = _value(sync, "people_rejected") + _value(sync, "people_deferred")
         line.requests = _value(snapshot, "requests_sent") + _value(sync, "requests_sent")
         line.writes = _value(sync, "write_requests")
-        refused = refusal_of(result)
+        refused = refusal_of(result, name)
         if refused:
             line.note = f"REFUSED: {refused}"
         if not result.success:
@@ -206,7 +206,7 @@ def run_activations(run: int, instance) -> list[RunLine]:
                 (str(e.step_failure_data.user_failure_data.description
                      if e.step_failure_data.user_failure_data else
                      e.step_failure_data.error.message)
-                 for e in result.all_events if e.is_step_failure), "check failed")
+                 for e in result.all_events if e.is_step_failure), "the run failed")
         lines.append(line)
     return lines
 

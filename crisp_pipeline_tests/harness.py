@@ -112,4 +112,4 @@ class Pipeline:
     def refusal(self, result: dg.ExecuteInProcessResult) -> str | None:
         """Why the run's sync was refused (mirror's guards), or None: a refused run succeeds,
         materializes no sync and says why in an observation of `crisp_sync`."""
-        return refusal_of(result)
+        return refusal_of(result, self.config.name)

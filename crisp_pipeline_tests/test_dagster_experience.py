@@ -287,8 +287,7 @@ def test_a_guard_refusal_reads_as_one_paragraph_not_a_stack_trace(emulator, tmp_
     for dry_run in (True, False):
         result = pipeline.run(dry_run=dry_run)
         assert not [e for e in result.all_events if e.is_step_failure]
-        assert pipeline.instance.get_run_by_id(result.run_id).tags["crisp/refused"] \
-            == "mirror_guards"
+        assert pipeline.instance.get_run_by_id(result.run_id).tags["crisp/refused"] == "calm"
         errors = [entry.user_message for entry in pipeline.instance.all_logs(result.run_id)
                   if entry.level >= logging.ERROR]
         assert len(errors) == 1 and "3 people would be deleted" in errors[0], errors
@@ -301,6 +300,37 @@ def test_a_guard_refusal_reads_as_one_paragraph_not_a_stack_trace(emulator, tmp_
         assert webhook.events() == ([] if dry_run else ["guard_refused"])
     pipeline.run(override_guards=True)
     assert list(pipeline.crisp()) == ["c0@x.io"]
+
+
+def test_materialize_all_tells_which_activation_was_refused(emulator, tmp_path, monkeypatch):
+    """Two mirrors in one "Materialize all" run: the refused one sends nothing and is named by
+    the run's tag and its own observation; the other syncs."""
+    crisp_env(monkeypatch, emulator)
+    db = str(tmp_path / "w.duckdb")
+    tight = {"max_deletes": 1, "max_delete_fraction": 1.0}
+    strict = Pipeline(emulator, db, ActivationConfig(
+        name="strict", mode="mirror", segment={"table": "people_s"}, attributes=["plan"],
+        guards=tight))
+    loose = Pipeline(emulator, db, ActivationConfig(
+        name="loose", mode="mirror", segment={"table": "people_l"}, attributes=["plan"],
+        guards={"max_deletes": 100, "max_delete_fraction": 1.0}), instance=strict.instance)
+    for pipeline, table, prefix in ((strict, "people_s", "s"), (loose, "people_l", "l")):
+        pipeline.load([{"email": f"{prefix}{i}@x.io", "plan": "pro"} for i in range(4)],
+                      table=table)
+        pipeline.run()
+        pipeline.load([{"email": f"{prefix}0@x.io", "plan": "pro"}], table=table)
+    everything = dg.Definitions.merge(
+        build_activation_defs(strict.config), build_activation_defs(loose.config),
+        dg.Definitions(resources=strict.defs.resources))
+    result = everything.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=strict.instance)
+    assert result.success
+    assert strict.instance.get_run_by_id(result.run_id).tags["crisp/refused"] == "strict"
+    assert "3 people would be deleted" in strict.refusal(result)
+    assert loose.refusal(result) is None
+    crisp = strict.crisp()
+    assert {f"s{i}@x.io" for i in range(4)} <= set(crisp)
+    assert not {f"l{i}@x.io" for i in range(1, 4)} & set(crisp)
 
 
 def test_a_failed_run_is_reported_by_the_failure_sensor(emulator, tmp_path, monkeypatch,

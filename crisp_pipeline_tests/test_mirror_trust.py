@@ -650,6 +650,39 @@ def test_new_setting_delete_adopted_true_deletes_an_adopted_person_who_leaves(
     assert "c0@x.io" not in ids
 
 
+def test_a_refusal_shown_by_the_check_stands_though_the_window_moves_on_before_the_sync(
+        emulator, tmp_path, monkeypatch):
+    """The check and the sync judge the guards as of when the change set was computed: the
+    window's oldest deletion leaving it between the two (a daily schedule, "Materialize all"
+    running other activations in between) must not let the sync delete what the check
+    refused. (Found in review: the sync judged as of its own start.)"""
+    from crisp_pipeline.orchestration import assets
+
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="edge", mode="mirror",
+                            attributes=["plan"], guards={"max_deletes": 1,
+                                                         "max_delete_fraction": 1.0,
+                                                         "window_hours": 3 / 3600})
+    rows = [{"email": f"e{i}@x.io", "plan": "pro"} for i in range(4)]
+    pipeline.load(rows)
+    pipeline.run()
+    pipeline.load(rows[:3])
+    pipeline.run()  # one deletion: within max_deletes, and in the 3 s window
+    judged = []
+    real_verdict = assets.current_verdict
+
+    def late_verdict(store, config):  # (the sync's judgement)
+        time.sleep(3.5)  # the deletion leaves the window after the check, before the sync
+        verdict = real_verdict(store, config)
+        judged.append(verdict.passed)
+        return verdict
+    monkeypatch.setattr(assets, "current_verdict", late_verdict)
+    pipeline.load(rows[:2])
+    result = pipeline.run()
+    assert not pipeline.checks(result)["mirror_guards"].passed
+    assert pipeline.refusal(result) and judged[-1] is False
+    assert set(pipeline.crisp()) == {"e0@x.io", "e1@x.io", "e2@x.io"}
+
+
 @pytest.mark.parametrize("guards", [
     {"max_deletes": 3, "max_delete_fraction": 1.0},  # the window is on by default (24 h)
     {"max_deletes": 3, "max_delete_fraction": 1.0, "window_hours": 24}])  # NEW SETTING
@@ -663,7 +696,7 @@ def test_deletions_are_counted_over_the_rolling_window(emulator, tmp_path, monke
     pipeline.run()
     assert len(pipeline.crisp()) == 8
     pipeline.load(rows[4:])  # 2 more: 4 in the window, more than max_deletes (3)
-    result = pipeline.run(expect_success=None)
+    result = pipeline.run()
     assert set(pipeline.crisp()) == {r["email"] for r in rows[2:]}, \
         "the window's deletions went beyond max_deletes"
     assert pipeline.refusal(result) and not pipeline.checks(result)["mirror_guards"].passed

@@ -151,8 +151,8 @@ def build_activation_defs(config: ActivationConfig,
         "mirror_guards", asset=key("change_set"),
         description="Mirror refuses an empty segment and deletions beyond max_deletes / "
         "max_delete_fraction (in the run and over the rolling window), unless the run "
-        "overrides its guards. A refusal is not a crash: the run ends with this check failed, "
-        "the tag `crisp/refused`, an alert, and nothing sent (see `crisp_sync`).")]
+        "overrides its guards. A refusal is not a crash: `crisp_sync` sends nothing, says why "
+        "(`refused`), is not materialized and tags the run `crisp/refused`; the run succeeds.")]
         if config.mode == Mode.MIRROR else [])  # (deleting is mirror's alone)
 
     @dg.asset(key=key("change_set"), deps=[crisp_snapshot],
@@ -165,7 +165,7 @@ def build_activation_defs(config: ActivationConfig,
             store = prepare.store
             prepare.through("crisp_snapshot")
             planned = prepare.change_set()
-            checks = ([guard_result(current_verdict(store, config), prepare.options)]
+            checks = ([guard_result(planned.verdict, prepare.options)]
                       if guard_specs else [])
             return dg.MaterializeResult(metadata={
                 **change_set_metadata(store, config, planned, prepare.crisp.budget_left(
@@ -202,8 +202,8 @@ def build_activation_defs(config: ActivationConfig,
                     heartbeat=lambda: locks.heartbeat(state_connector(crisp_db), name, run_id),
                     website_lock=website_lock(context, crisp_db, store, config, crisp_run),
                     only=frozenset(crisp_run.only) if crisp_run.only else None)
-            except GuardRefusal:
-                refuse(context, verdict, dry_run=crisp_run.dry_run)
+            except GuardRefusal as refusal:
+                refuse(context, str(refusal), verdict, dry_run=crisp_run.dry_run)
                 return
             except (StaleChangeSet, CrispError, locks.ActivationLocked) as error:
                 raise dg.Failure(description=str(error)) from None
@@ -223,16 +223,19 @@ def build_activation_defs(config: ActivationConfig,
             return
         yield dg.MaterializeResult(metadata=metadata)
 
-    def refuse(context: dg.AssetExecutionContext, verdict: GuardVerdict, dry_run: bool) -> None:
+    def refuse(context: dg.AssetExecutionContext, text: str, verdict: GuardVerdict,
+               dry_run: bool) -> None:
         """Mirror's guards refused: an expected outcome, told in one paragraph, not a crash
         with a stack trace. Nothing is sent and nothing is materialized (the activation does
-        not look synced); the run is tagged `crisp/refused` and the alert goes out. The run
-        itself succeeds: it did what it is for, and a failed run would be retried by a run
-        retry policy, spending requests to be refused again."""
+        not look synced); the run's tag `crisp/refused` names the activations refused in it,
+        and the alert goes out. The run itself succeeds: it did what it is for, and a failed
+        run would be retried by a run retry policy, spending requests to be refused again."""
         run_id = context.run.run_id
-        text = verdict.refusal()
         context.log.error(f"{name}: refused by mirror_guards: {text}")
-        context.instance.add_run_tags(run_id, {REFUSED_TAG: "mirror_guards"})
+        record = context.instance.get_run_by_id(run_id)
+        refused = {n for n in (record.tags if record else {}).get(REFUSED_TAG, "").split(",")
+                   if n}
+        context.instance.add_run_tags(run_id, {REFUSED_TAG: ",".join(sorted(refused | {name}))})
         context.log_event(dg.AssetObservation(asset_key=key("crisp_sync"), metadata={
             "refused": dg.MetadataValue.text(text), **guard_counts(verdict)}))
         if not dry_run:

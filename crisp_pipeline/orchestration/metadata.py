@@ -56,10 +56,12 @@ def guard_counts(verdict: GuardVerdict) -> dict[str, Any]:
             "delete_fraction": round(verdict.fraction, 4)}
 
 
-def refusal_of(result: Any) -> str | None:
-    """Why a run's sync was refused (the `refused` observation of `crisp_sync`), or None."""
+def refusal_of(result: Any, activation: str) -> str | None:
+    """Why the activation's sync was refused in a run (the `refused` observation of its
+    `crisp_sync`, keyed `[prefix..., activation, "crisp_sync"]`), or None."""
     for event in result.all_events:
-        if event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
+        if event.event_type == dg.DagsterEventType.ASSET_OBSERVATION and \
+                event.asset_key.path[-2:] == [activation, "crisp_sync"]:
             metadata = event.asset_observation_data.asset_observation.metadata
             if "refused" in metadata:
                 return metadata["refused"].value

@@ -484,12 +484,19 @@ class StateStore:
     def stage_run(self, stage: str) -> str | None:
         """The run that last did `stage` (segment, snapshot, change_set): a step uses what
         an earlier step of its own run left, never another run's."""
+        return self._stage_row(stage)[0]
+
+    def stage_done_at(self, stage: str) -> datetime | None:
+        """When `stage` was last done (the change set's guards are judged as of then)."""
+        return self._stage_row(stage)[1]
+
+    def _stage_row(self, stage: str) -> tuple[str | None, datetime | None]:
         with self._session(writing=False) as connection:
             if not self._exists(connection, "stages"):
-                return None
-            row = connection.execute(f"select run_id from {self.table('stages')} where "
-                                     "stage = ?", [stage]).fetchone()
-        return row[0] if row else None
+                return None, None
+            row = connection.execute(f"select run_id, done_at from {self.table('stages')} "
+                                     "where stage = ?", [stage]).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def segment_fingerprints(self, key: str) -> pl.DataFrame | None:
         """(identifier, raw_hash) of the staged segment's rows when they were fingerprinted

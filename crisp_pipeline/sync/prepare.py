@@ -241,10 +241,14 @@ def plan_change_set(store: StateStore, config: ActivationConfig, run_id: str, *,
 
 
 def current_verdict(store: StateStore, config: ActivationConfig) -> GuardVerdict:
-    """Mirror's guards from counts in the state store (no table is loaded)."""
+    """Mirror's guards for the stored change set, from counts in the state store (no table
+    is loaded). The rolling window ends when the change set was computed, not now: the
+    change set's check and the sync that obeys it give one verdict, however long apart
+    (a deletion leaving the window in between must not turn a refusal into a pass)."""
     source_rows = (store.count("segment")
                    + store.count("rejected", what="count(distinct row_number)"))
     window = config.guards.window_hours
-    deleted = store.deleted_since(now() - timedelta(hours=window)) if window else 0
+    as_of = store.stage_done_at("change_set") or now()
+    deleted = store.deleted_since(as_of - timedelta(hours=window)) if window else 0
     return evaluate_guards(config, store.count("change_set", where="op = 'delete'"),
                            store.count("snapshot"), source_rows, deleted)

@@ -103,7 +103,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
         raise StaleChangeSet(f"the stored change set was computed by run {computed_by}, not "
                              f"by this run ({run_id}); a sync applies only its own run's")
     if not verdict.passed and not override_guards:
-        raise GuardRefusal(verdict.describe())
+        raise GuardRefusal(verdict.refusal())
     work = change_set.filter(pl.col("op").is_in([*WORK_OPS, "release"]))
     if only is not None:
         wanted = [o.strip().lower() if config.keyed_by_email else o.strip() for o in only]
