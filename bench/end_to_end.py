@@ -25,6 +25,7 @@ over 10 runs. Last line:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -95,6 +96,12 @@ def config_for(attributes: int):
         fields={"person.nickname": "full_name"},
         attributes=[f"attr_{i:02d}" for i in range(attributes)],
         reconcile={"max_requests": 0})  # the runs measure the sync, not re-reading Crisp
+
+
+def seed_in_child(db_path: str, state_file: Path, people: int, attributes: int,
+                  only_changing: int | None) -> None:
+    seed_state(db_path, state_file, make_segment(people, attributes), config_for(attributes),
+               only_changing)
 
 
 def seed_state(db_path: str, state_file: Path, segment: pl.DataFrame, config,
@@ -235,8 +242,14 @@ def main() -> None:
         only_changing = args.trials if args.people > 2_000_000 else None
         if only_changing:
             print(f"  Crisp holds the {only_changing}% of people the trials change", flush=True)
-        seed_state(db_path, state_file, make_segment(args.people, args.attributes), config,
-                   only_changing)
+        # seeded in a child process: the runs' peak memory is measured in a process that
+        # never held the seeding's frames (a user's run worker never does either)
+        seeding = multiprocessing.get_context("spawn").Process(
+            target=seed_in_child, args=(db_path, state_file, args.people, args.attributes,
+                                        only_changing))
+        seeding.start()
+        seeding.join()
+        assert seeding.exitcode == 0, f"seeding failed ({seeding.exitcode})"
         port = free_port()
         emulator = start_emulator(port, state_file)
         try:

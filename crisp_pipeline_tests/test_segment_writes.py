@@ -136,3 +136,16 @@ def test_a_segment_rewritten_by_an_older_version_is_normalised_anew(tmp_path):
     result = stage_segment(store, BY_EMAIL, Source(frame(rows)), "r2")
     assert result.complete
     assert staged(store, BY_EMAIL) == from_scratch(frame(rows), BY_EMAIL)
+
+
+def test_a_row_is_known_only_under_its_own_identifier_even_if_two_stored_rows_share_a_hash():
+    """Rows are matched to stored ones on the hash, then the identifiers compared; a hash two
+    stored rows share (a 64-bit collision, forced here) falls back to matching the pair."""
+    keys = pl.DataFrame({normalize._IDENTIFIER: ["a", "b", "c", None], "raw_hash": [1, 2, 3, 1]},
+                        schema={normalize._IDENTIFIER: pl.String, "raw_hash": pl.UInt64})
+    unique = pl.DataFrame({"identifier": ["a", "x"], "raw_hash": [1, 2]},
+                          schema={"identifier": pl.String, "raw_hash": pl.UInt64})
+    shared = pl.DataFrame({"identifier": ["a", "b", "z"], "raw_hash": [1, 2, 2]},
+                          schema={"identifier": pl.String, "raw_hash": pl.UInt64})
+    assert normalize._known_rows(keys, unique).to_list() == [True, False, False, False]
+    assert normalize._known_rows(keys, shared).to_list() == [True, True, False, False]

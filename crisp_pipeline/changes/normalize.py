@@ -237,11 +237,11 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
               for field, column in config.managed_columns.items()}
     email = _blank_to_null(pl.col(config.email_column).cast(pl.String)
                            .str.strip_chars().str.to_lowercase())
-    identifier = (email if config.keyed_by_email else
+    identifier = (pl.col(_EMAIL) if config.keyed_by_email else  # (computed once)
                   _blank_to_null(pl.col(config.identifier_column).cast(pl.String).str.strip_chars()))
     frame = raw.with_columns(
-        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW),
-        identifier.alias(_IDENTIFIER), email.alias(_EMAIL), raw_hashes(raw, config))
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW), email.alias(_EMAIL),
+        raw_hashes(raw, config)).with_columns(identifier.alias(_IDENTIFIER))
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
              pl.col(_EMAIL).alias(EMAIL))
 
@@ -249,10 +249,7 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH)
     fresh, unchanged = frame, None
     if known is not None:
-        is_known = keys.join(known.select(pl.col(IDENTIFIER).alias(_IDENTIFIER), RAW_HASH,
-                                          pl.lit(True).alias("_known")),
-                             on=[_IDENTIFIER, RAW_HASH], how="left", maintain_order="left"
-                             ).get_column("_known").fill_null(False)
+        is_known = _known_rows(keys, known)
         if is_known.not_().sum() <= RENORMALIZE_SHARE * frame.height:
             fresh, unchanged = frame.filter(~is_known), keys.filter(is_known)
 
@@ -291,6 +288,21 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
                              source_rows=raw.height, kept=kept, leaving=leaving)
 
 
+def _known_rows(keys: pl.DataFrame, known: pl.DataFrame) -> pl.Series:
+    """Whether each row's (identifier, raw_hash) is a stored row's. Joined on the hash
+    alone, then the identifiers compared: half the cost of joining on both, and the same
+    answer as long as no two stored rows share a hash (each stored row has its own
+    identifier, so two would be a 64-bit collision; the pair is joined then)."""
+    stored = known.select(pl.col(IDENTIFIER).alias("_stored"), RAW_HASH)
+    matched = keys.select(_IDENTIFIER, RAW_HASH).join(stored, on=RAW_HASH, how="left",
+                                                      maintain_order="left")
+    if matched.height != keys.height:  # a hash two stored rows share
+        matched = keys.select(_IDENTIFIER, RAW_HASH).join(
+            stored.with_columns(pl.col("_stored").alias(_IDENTIFIER)),
+            on=[_IDENTIFIER, RAW_HASH], how="left", maintain_order="left")
+    return (matched.get_column("_stored") == matched.get_column(_IDENTIFIER)).fill_null(False)
+
+
 def _leaving(known: pl.Series, kept: pl.Series, seen: pl.Series) -> pl.Series:
     """The known identifiers that are not kept. Known identifiers are unique and every kept
     one is known, so: none when all are kept; else, usually, those among the identifiers
@@ -317,19 +329,21 @@ def _people_twice(frame: pl.DataFrame, config: ActivationConfig, where: tuple,
     ids, emails = pl.col(_IDENTIFIER), pl.col(_EMAIL)
     if unchanged is None:
         same_id = frame.filter(ids.is_duplicated() & ids.is_not_null())
-        same_email = frame.filter(emails.is_duplicated() & emails.is_not_null())
     else:
         copies = unchanged.filter(pl.col(RAW_HASH).is_duplicated()).get_column(_IDENTIFIER)
         suspects = pl.concat([fresh.get_column(_IDENTIFIER), copies]).drop_nulls().unique()
         same_id = frame.filter(ids.is_in(suspects.implode()))
         same_id = same_id.filter(ids.is_duplicated())
-        same_email = frame.filter(emails.is_in(
-            fresh.get_column(_EMAIL).drop_nulls().unique().implode()))
-        same_email = same_email.filter(emails.is_duplicated())
     twice = [_same_person_twice(
         same_id, _IDENTIFIER, config.identifier_column, "duplicate_identifier", where,
         "{} appears in rows {}: every copy is held back until one remains")]
-    if not config.keyed_by_email:
+    if not config.keyed_by_email:  # (keyed by email, a shared email is a shared identifier)
+        if unchanged is None:
+            same_email = frame.filter(emails.is_duplicated() & emails.is_not_null())
+        else:
+            same_email = frame.filter(emails.is_in(
+                fresh.get_column(_EMAIL).drop_nulls().unique().implode()))
+            same_email = same_email.filter(emails.is_duplicated())
         # two external ids with one email would be one Crisp person (Crisp keys by email)
         twice.append(_same_person_twice(
             same_email.unique([_IDENTIFIER, _EMAIL]), _EMAIL, config.email_column,
