@@ -8,6 +8,7 @@ import json
 import threading
 
 import polars as pl
+import pytest
 
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.changes.guards import evaluate_guards
@@ -75,6 +76,37 @@ def test_the_stored_budget_is_shared_never_overspent_and_gives_back_what_it_did_
     assert asyncio.run(third.try_spend_async(1)) and spent_today(connect, "u") == 50
     third.close()
     assert spent_today(connect, "u") == 1  # the 49 reserved and unused are given back
+
+
+@pytest.mark.parametrize("quota", [10_000, 120])
+def test_the_stored_budget_reserves_its_next_block_before_a_request_waits_for_it(
+        tmp_path, monkeypatch, quota):
+    """Spending from the event loop as requests go out (a few ms apart), only the first
+    request waits for the database (about); near the quota, spending stops exactly at it; what
+    was reserved and not spent is given back."""
+    connect = connect_state(str(tmp_path / "b.duckdb"))
+    budget = StoredBudget(connect, "t", quota, block=50)
+    waited = []
+    real_try_spend = budget.try_spend
+
+    def counting_try_spend(requests: int = 1) -> bool:
+        waited.append(requests)
+        return real_try_spend(requests)
+    monkeypatch.setattr(budget, "try_spend", counting_try_spend)
+
+    async def send(requests: int) -> int:
+        paid = 0
+        for _ in range(requests):
+            if not await budget.try_spend_async(1):
+                break
+            paid += 1
+            await asyncio.sleep(0.003)  # a request going out
+        return paid
+    paid = asyncio.run(send(300))
+    budget.close()
+    assert paid == min(300, quota) and spent_today(connect, "t") == paid
+    if quota > 300:  # (without reserving ahead: one wait per block, 6; a slow box may miss once)
+        assert len(waited) <= 2, f"{len(waited)} requests waited for the database"
 
 
 def test_a_capped_budget_stops_at_its_cap_or_at_the_inner_budget():

@@ -3,8 +3,9 @@
 Every activation that uses the same token (identifier) spends from the same counter for the
 current UTC day, so that together they never spend past `CRISP_DAILY_QUOTA`. Requests are
 reserved from the database in blocks and the unused part of a block is given back when the
-client closes: a crashed run can over-count (by less than a block) but never under-count, so
-the budget errs on the side of not being refused by Crisp.
+client closes: a crashed run can over-count (by less than two blocks: the next block is
+reserved when half of one is spent, so that a request never waits for the database) but
+never under-count, so the budget errs on the side of not being refused by Crisp.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class StoredBudget:
         self._lock = threading.Lock()
         self.unavailable: str | None = None  # why the store could not be reached, if so
         self.last_remaining: int | None = None  # what was left when a spend was refused
+        self._refilling = False  # a worker is reserving the next block
+        self._short = False  # the store granted less than asked: the quota is near its end
+        self._closed = False
 
     def try_spend(self, requests: int = 1) -> bool:
         """Pay from what this process reserved; reserve another block from the store when
@@ -85,12 +89,13 @@ class StoredBudget:
         pays nothing: unpaid requests are never sent."""
         with self._lock:
             if self._day_changed():
-                self._day, self._reserved = _today(), 0
+                self._day, self._reserved, self._short = _today(), 0, False
             if self._reserved < requests:
                 try:
-                    self._reserved += _add(self._connect, self.token,
-                                           max(self.block, requests - self._reserved),
-                                           self.quota)
+                    asked = max(self.block, requests - self._reserved)
+                    granted = _add(self._connect, self.token, asked, self.quota)
+                    self._reserved += granted
+                    self._short = granted < asked
                 except StateUnavailable as error:
                     self.unavailable = str(error)
                     return False
@@ -109,10 +114,42 @@ class StoredBudget:
             try:
                 if self._reserved >= requests and not self._day_changed():
                     self._reserved -= requests
+                    self._refill_soon()
                     return True
             finally:
                 self._lock.release()
         return await asyncio.to_thread(self.try_spend, requests)
+
+    def _refill_soon(self) -> None:
+        """(On the event loop, holding the lock.) Once half the block is spent, reserve the
+        next one in a worker thread: at 16 requests in flight, waiting for the database
+        every 50 requests cost the sync a tenth of its sending rate (measured)."""
+        if self._refilling or self._short or self._closed or self._reserved * 2 >= self.block:
+            return
+        self._refilling = True
+        asyncio.get_running_loop().run_in_executor(None, self._refill)
+
+    def _refill(self) -> None:
+        """(In a worker.) The database is asked without holding the lock, so that spending
+        from the reserve goes on meanwhile."""
+        try:
+            with self._lock:
+                if self._closed or self._day_changed() or self._reserved * 2 >= self.block:
+                    return
+                day = self._day
+            try:
+                granted = _add(self._connect, self.token, self.block, self.quota)
+            except StateUnavailable:  # (a spend that needs the store says so)
+                return
+            with self._lock:
+                if not (self._closed or self._day != day):
+                    self._reserved += granted
+                    self._short = granted < self.block
+                    return
+            with contextlib.suppress(StateUnavailable):  # closed meanwhile: give it back
+                _add(self._connect, self.token, -granted, self.quota)
+        finally:
+            self._refilling = False
 
     def _day_changed(self) -> bool:
         return _today() != self._day
@@ -125,6 +162,7 @@ class StoredBudget:
         """Give back what was reserved and not spent (kept, and so over-counted, when the
         store cannot be reached: the budget errs on the side of not being refused by Crisp)."""
         with self._lock:
+            self._closed = True  # (a block being reserved meanwhile is not taken)
             if self._reserved and self._day == _today():
                 with contextlib.suppress(StateUnavailable):
                     _add(self._connect, self.token, -self._reserved, self.quota)
