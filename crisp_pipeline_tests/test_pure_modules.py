@@ -100,7 +100,7 @@ def test_the_stored_budget_reserves_its_next_block_before_a_request_waits_for_it
             if not await budget.try_spend_async(1):
                 break
             paid += 1
-            await asyncio.sleep(0.003)  # a request going out
+            await asyncio.sleep(0.004)  # a request going out
         return paid
     paid = asyncio.run(send(300))
     budget.close()
