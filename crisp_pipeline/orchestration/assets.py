@@ -39,7 +39,7 @@ from .metadata import (change_set_metadata, column_schema, guard_counts, guard_r
 from .resources import (CrispResource, CrispRunOptions, pipeline_resources,
                         settings_factory, source_of, source_resource_keys, state_connector,
                         state_kind, state_store, warehouse_kind)
-from .run_scope import (REFUSED_TAG, STEPS, holding_activation, release_activation,
+from .run_scope import (STEPS, holding_activation, release_activation, tag_refused,
                         website_lock)
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +232,7 @@ def build_activation_defs(config: ActivationConfig,
         run would be retried by a run retry policy, spending requests to be refused again."""
         run_id = context.run.run_id
         context.log.error(f"{name}: refused by mirror_guards: {text}")
-        record = context.instance.get_run_by_id(run_id)
-        refused = {n for n in (record.tags if record else {}).get(REFUSED_TAG, "").split(",")
-                   if n}
-        context.instance.add_run_tags(run_id, {REFUSED_TAG: ",".join(sorted(refused | {name}))})
+        tag_refused(context, name)
         context.log_event(dg.AssetObservation(asset_key=key("crisp_sync"), metadata={
             "refused": dg.MetadataValue.text(text), **guard_counts(verdict)}))
         if not dry_run:

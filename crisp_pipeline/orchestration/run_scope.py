@@ -85,6 +85,15 @@ def _tag_dry_run(context: Any, dry_run: bool) -> None:
         context.instance.add_run_tags(run.run_id, {DRY_RUN_TAG: wanted})
 
 
+def tag_refused(context: Any, name: str) -> None:
+    """Name the activation among those whose sync the run's guards refused (one run of
+    "Materialize all" may hold several activations)."""
+    run_id = context.run.run_id
+    record = context.instance.get_run_by_id(run_id)
+    refused = {n for n in (record.tags if record else {}).get(REFUSED_TAG, "").split(",") if n}
+    context.instance.add_run_tags(run_id, {REFUSED_TAG: ",".join(sorted(refused | {name}))})
+
+
 def _let_go(connect: Any, name: str, run_id: str) -> None:
     """The run goes no further: its lock is given back and its file let go."""
     try:

@@ -123,7 +123,8 @@ class StoredBudget:
     def _refill_soon(self) -> None:
         """(On the event loop, holding the lock.) Once half the block is spent, reserve the
         next one in a worker thread: at 16 requests in flight, waiting for the database
-        every 50 requests cost the sync a tenth of its sending rate (measured)."""
+        every 50 requests cost the sync about 4% of its sending rate (measured by
+        `bench/send_throughput.py`: 264 writes/s, 276 without the waits)."""
         if self._refilling or self._short or self._closed or self._reserved * 2 >= self.block:
             return
         self._refilling = True
