@@ -34,11 +34,14 @@ class GuardVerdict:
                       if self.deleted_in_window else "")
             return (f"{self.deletes} deletion(s) of {self.managed} managed people{window}: "
                     "within limits")
-        return "; ".join(self.problems) + f". {OVERRIDE_HINT}"
+        return f"{self._why()} {OVERRIDE_HINT}"
 
     def refusal(self) -> str:
         """The paragraph a refused sync shows and alerts: why, what happened, what to do."""
-        return "; ".join(self.problems) + f". Nothing was sent. {OVERRIDE_HINT}"
+        return f"{self._why()} Nothing was sent. {OVERRIDE_HINT}"
+
+    def _why(self) -> str:
+        return "; ".join(self.problems) + "."
 
 
 def evaluate_guards(config: ActivationConfig, deletes: int, managed: int,

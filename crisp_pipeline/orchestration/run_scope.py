@@ -72,7 +72,7 @@ def _keep_open_for_run(connect: Any, run_id: str, name: str) -> None:
 
 
 DRY_RUN_TAG = "crisp/dry_run"
-REFUSED_TAG = "crisp/refused"  # the run's sync was refused (value: the check that refused)
+REFUSED_TAG = "crisp/refused"  # guards refused the run's sync (value: the activations)
 
 
 def _tag_dry_run(context: Any, dry_run: bool) -> None:
