@@ -252,13 +252,14 @@ class _Hold:
             self.release(pause=True)
         elif self.connection is None and self.depth and moment >= self.paused_until:
             self.connection = open_duckdb(self.path, self.config)
+            _checkpoint_once_when_let_go(self.connection)
             self.catalog = _Catalog()
             self.opened_at = moment
         self.used_at = moment
 
     def release(self, pause: bool = False) -> None:
         if self.connection is not None:
-            self.connection.close()
+            self.connection.close()  # (the last connection: DuckDB checkpoints)
             self.connection = None
             self.catalog = _Catalog()
         if pause:
@@ -284,6 +285,19 @@ class _Hold:
 
 _HOLDS: dict[str, _Hold] = {}
 
+# While the file is held, a commit does not checkpoint: DuckDB would at any commit it expects
+# to write more than 16 MiB (a sync's 10,000 confirmations in a 1M snapshot), and again at
+# the next. The run's writes are checkpointed once, when the file is let go. (The WAL keeps
+# each commit durable meanwhile; DuckDB replays it after a crash.)
+HELD_CHECKPOINT_THRESHOLD = "1GB"
+
+
+def _checkpoint_once_when_let_go(connection: duckdb.DuckDBPyConnection) -> None:
+    """A setting of the database instance, which lasts while the file is held (a connection
+    opened for a single use gets DuckDB's default: being the last, it checkpoints when
+    closed)."""
+    connection.execute(f"set global checkpoint_threshold = '{HELD_CHECKPOINT_THRESHOLD}'")
+
 
 @contextlib.contextmanager
 def file_kept_open(path: str, config: dict | None = None) -> Iterator[None]:
@@ -292,7 +306,8 @@ def file_kept_open(path: str, config: dict | None = None) -> Iterator[None]:
     block then costs well under a millisecond instead of opening the file (about 12 ms for
     a 1M-person state), its queries share a warm cache instead of reading the file again
     (loading the snapshot's key index alone takes about 0.2 s), and writes are checkpointed
-    once, when the file is let go, instead of after every use. The file is let go after
+    once, when the file is let go, instead of after every use or large commit
+    (`HELD_CHECKPOINT_THRESHOLD`). The file is let go after
     `hold_seconds()` at a stretch, or `_Hold.IDLE_SECONDS` unused, so that another
     process waiting for it is not starved. Blocks nest."""
     if hold_seconds() <= 0:

@@ -1,0 +1,105 @@
+"""How a run treats the DuckDB state file it keeps open (`state.store.file_kept_open`): its
+commits are durable in the WAL and checkpointed once, when the file is let go; and the
+step's objects, not the whole process's, are what Python's cycle collector walks while a step
+runs (`orchestration.run_scope`)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import pytest
+
+from crisp_pipeline.activation import ActivationConfig
+from crisp_pipeline.state.store import connect_file, file_kept_open
+
+from .harness import Pipeline, crisp_env
+
+ROWS = 500_000  # five row groups of DuckDB's 122,880 rows
+
+
+@pytest.fixture
+def state_file(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("CRISP_PIPELINE_DB_HOLD_SECONDS", "30")
+    path = str(tmp_path / "state.duckdb")
+    with duckdb.connect(path) as connection:
+        connection.execute(f"create table t as select range as i, repeat('x', 40) || range "
+                           f"as s from range({ROWS})")
+    return path
+
+
+def wal_bytes(path: str) -> int:
+    return os.path.getsize(f"{path}.wal") if os.path.exists(f"{path}.wal") else 0
+
+
+def test_a_held_file_checkpoints_when_let_go_not_at_each_commit(state_file):
+    connect = connect_file(state_file)
+    with file_kept_open(state_file):
+        logged = [0]
+        for step in range(3):  # each large enough for DuckDB to checkpoint after it
+            with connect() as connection:
+                connection.execute(f"update t set s = s || '{step}' || repeat('y', 60)")
+            logged.append(wal_bytes(state_file))  # committed: in the WAL
+        assert logged == sorted(set(logged))  # and none checkpointed while held
+    assert wal_bytes(state_file) == 0
+    with duckdb.connect(state_file, read_only=True) as connection:
+        assert connection.execute("select s from t where i = 3").fetchone()[0] == \
+            "x" * 40 + "3" + "".join(f"{step}" + "y" * 60 for step in range(3))
+
+
+def test_commits_of_a_held_file_survive_a_killed_process(state_file):
+    """Nothing committed is lost when the process dies before letting go of the file."""
+    child = textwrap.dedent(f"""
+        import os
+        from crisp_pipeline.state.store import connect_file, file_kept_open
+        connect = connect_file({state_file!r})
+        with file_kept_open({state_file!r}):
+            with connect() as connection:
+                connection.execute("update t set s = 'committed' where i < 1000")
+            os._exit(9)  # no close, no checkpoint
+    """)
+    done = subprocess.run([sys.executable, "-c", child], env={
+        **os.environ, "CRISP_PIPELINE_DB_HOLD_SECONDS": "30"}, timeout=120)
+    assert done.returncode == 9
+    assert wal_bytes(state_file) > 0
+    with duckdb.connect(state_file, read_only=True) as connection:
+        assert connection.execute("select count(*) from t where s = 'committed'"
+                                  ).fetchone()[0] == 1000
+
+
+def test_a_file_opened_for_single_uses_keeps_duckdbs_defaults(state_file, monkeypatch):
+    """Without the hold, every use's connection is the last one: DuckDB checkpoints when it
+    closes (the setting above lasts only while the file is held)."""
+    monkeypatch.setenv("CRISP_PIPELINE_DB_HOLD_SECONDS", "0")
+    with file_kept_open(state_file), connect_file(state_file)() as connection:
+        connection.execute("update t set s = 'one use' where i % 3 = 0")
+    assert wal_bytes(state_file) == 0
+    with file_kept_open(state_file), connect_file(state_file)() as connection:
+        assert connection.execute("select current_setting('checkpoint_threshold')"
+                                  ).fetchone()[0] == "16.0 MiB"
+
+
+def test_a_step_leaves_the_objects_from_before_it_to_the_collector_and_gives_them_back(
+        emulator, tmp_path, monkeypatch):
+    crisp_env(monkeypatch, emulator)
+    config = ActivationConfig(name="gcs", segment={"table": "people"}, mode="upsert",
+                              attributes=["plan"])
+    pipeline = Pipeline(emulator, str(tmp_path / "g.duckdb"), config)
+    pipeline.load([{"email": "a@x.io", "plan": "pro"}])
+    seen: list[int] = []
+    from crisp_pipeline.sync import prepare
+    normalize = prepare.normalize_segment
+
+    def watched(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return normalize(*args, **kwargs)
+    monkeypatch.setattr(prepare, "normalize_segment", watched)
+    before = gc.get_freeze_count()
+    pipeline.run()
+    assert seen and seen[0] > before + 10_000  # Dagster's objects and ours, set aside
+    assert gc.get_freeze_count() == before  # and handed back
+    assert pipeline.crisp()["a@x.io"]["data"] == {"plan": "pro"}
