@@ -53,6 +53,9 @@ SNAPSHOT_KEYS = {"identifier": pl.String, "people_id": pl.String, "email": pl.St
 # in Crisp before it found them). A text that is not JSON, so it never equals a confirmed value:
 # the field was added to the configuration and must be written, a null as a clear.
 UNCONFIRMED = "?"
+# The segment's generation column: the number of the segment write that stored the row (all
+# rows, when a write replaced the table), so that a run reads back the rows it wrote alone.
+STAGED_IN = "staged_in"
 CHANGE_SET_SCHEMA = {
     "run_id": pl.String, "identifier": pl.String, "email": pl.String, "people_id": pl.String,
     "op": pl.String, "reason": pl.String, "message": pl.String, "changed": pl.List(pl.String),
@@ -522,8 +525,8 @@ class StateStore:
                 return None
             stored = connection.execute(
                 f"select key from {self.table('segment_key')}").fetchone()
-            if stored is None or stored[0] != key or \
-                    "raw_hash" not in self._columns(connection, "segment"):
+            if stored is None or stored[0] != key or not {"raw_hash", STAGED_IN} <= set(
+                    self._columns(connection, "segment")):
                 return None  # (an older version may have rewritten the segment since)
             return connection.execute(
                 f"select identifier, raw_hash from {self.table('segment')}").pl()
@@ -540,13 +543,16 @@ class StateStore:
         identifier, email and fields, hashed as the snapshot hashes its rows. Returns the rows
         written and deleted."""
         fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash")]
-        hashed = accepted.with_columns(
-            accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash"))
         table = self.table("segment")
         with self._transaction() as connection:
             if self._dialect == "postgres":
                 from .postgres import check_name_lengths
                 check_name_lengths(fields, "field")
+            generation = (self._segment_generation(connection) or 0) + 1 if kept is not None \
+                else 1
+            hashed = accepted.with_columns(
+                accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash"),
+                pl.lit(generation, dtype=pl.Int64).alias(STAGED_IN))
             if kept is None:
                 deleted = (connection.execute(f"select count(*) from {table}").fetchone()[0]
                            if self._exists(connection, "segment") else 0)
@@ -1101,18 +1107,46 @@ class StateStore:
                 return pl.DataFrame(), self._snapshot_rows(connection, fields)
             self._temp_table(
                 connection, "differing", "select coalesce(s.identifier, k.identifier) as "
-                f"identifier from {self.table('segment')} s full outer join (select "
+                "identifier, s.identifier is not null as in_segment from "
+                f"{self.table('segment')} s full outer join (select "
                 f"identifier, row_hash from {self.table('snapshot')} where website_id = ?) k "
                 "on s.identifier = k.identifier where s.row_hash is distinct from k.row_hash",
                 [self._website()])
-            segment = connection.execute(
-                f"select * from {self.table('segment')} where identifier in "
-                "(select identifier from differing)").pl()
+            segment = self._differing_segment_rows(connection)
             snapshot = self._snapshot_rows(connection, fields,
                                            "identifier in (select identifier from differing)",
                                            extra=("row_hash",))
             connection.execute("drop table differing")
         return segment, snapshot
+
+    def _segment_generation(self, connection: StateConnection) -> int | None:
+        """The generation of the latest segment write (None: no segment, or one written by
+        a version without generations)."""
+        if STAGED_IN not in self._columns(connection, "segment"):
+            return None
+        return connection.execute(
+            f"select max({STAGED_IN}) from {self.table('segment')}").fetchone()[0]
+
+    def _differing_segment_rows(self, connection: StateConnection) -> pl.DataFrame:
+        """The segment rows of the identifiers in the temporary table `differing`. Most are
+        the rows this run's segment step wrote (a row that did not change in the source is
+        usually confirmed as it is): those are read from the row groups of the latest
+        generation alone, which DuckDB finds by their min/max statistics (a 1% change in a
+        1M segment: 0.11 s to read every row group's columns, a few ms these). The whole
+        table is read only when some differing row is older (a write Crisp refused, a
+        person changed in Crisp since)."""
+        table = self.table("segment")
+        generation = self._segment_generation(connection)
+        wanted = "identifier in (select identifier from differing)"
+        if generation is not None:
+            latest = connection.execute(f"select * from {table} where {STAGED_IN} = ? and "
+                                        f"{wanted}", [generation]).pl()
+            in_segment = connection.execute(
+                "select count(*) from differing where in_segment").fetchone()[0]
+            if latest.height == in_segment:
+                return latest.drop(STAGED_IN)
+        rows = connection.execute(f"select * from {table} where {wanted}").pl()
+        return rows.drop(STAGED_IN, strict=False)
 
     def managed_emails_among(self, emails: pl.Series) -> pl.Series:
         """Of `emails` (lower case), those a person managed on this website holds (lower
