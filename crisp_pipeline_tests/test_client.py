@@ -361,3 +361,21 @@ def test_the_token_key_never_leaks_into_logs_errors_or_reprs(emulator, caplog):
     texts.extend(str(record.args) for record in caplog.records)
     assert len(texts) > 10
     assert not [text for text in texts if key in text]
+
+
+def test_clients_share_one_tls_context_that_verifies_certificates(settings):
+    """Made once per process (22 ms a client otherwise), never at the cost of checking the
+    server: every client verifies the certificate and the host name."""
+    import ssl
+
+    from crisp_pipeline.crisp.client import _tls_context
+
+    first, second = client_for(settings), client_for(settings)
+    try:
+        contexts = {id(c._http._transport._pool._ssl_context) for c in (first, second)}
+        assert contexts == {id(_tls_context())}
+        assert _tls_context().verify_mode == ssl.CERT_REQUIRED
+        assert _tls_context().check_hostname
+    finally:
+        run(first.aclose())
+        run(second.aclose())

@@ -156,3 +156,33 @@ def test_fields_reordered_or_removed_in_the_configuration_rehash_every_row(tmp_p
                         "r")
     assert store.refresh_row_hashes(after) == 1
     assert store.differing_rows(after)[0].get_column("identifier").to_list() == ["p@x.io"]
+
+
+def test_rows_of_an_earlier_write_are_read_whenever_their_identifier_differs(tmp_path):
+    """The latest write's rows alone are read only when no earlier row has an identifier
+    among those that differ, however the counts fall: here x (earlier write, differs) and
+    two copies of y (latest write, one equal to the snapshot) would balance a count of
+    differing rows, and reading the latest write alone would leave x out, which in mirror
+    means deleting someone who is in the source."""
+    fields = ["person.nickname", "data.plan"]
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_d", "w")
+    x, y = IDS[0], IDS[1]
+    store.write_segment(normalized({x: ('"a"', '"b"'), y: ('"a"', '"b"')}), EMPTY_REJECTED,
+                        NO_UNIDENTIFIED, "r1")
+    copies = pl.concat([normalized({y: ('"a"', '"b"')}), normalized({y: ('"c"', '"d"')})])
+    store.write_segment(copies, EMPTY_REJECTED, NO_UNIDENTIFIED, "r2",
+                        kept=pl.DataFrame({"identifier": [x], "raw_hash": [0]},
+                                          schema={"identifier": pl.String,
+                                                  "raw_hash": pl.UInt64}),
+                        leaving=pl.Series([y], dtype=pl.String))
+    store.confirm(pl.DataFrame([{"identifier": i, "people_id": f"id-{i}", "email": i,
+                                 "confirmed_at": now(), "person.nickname": '"z"' if i == x
+                                 else '"a"', "data.plan": '"b"'} for i in (x, y)]).cast(
+        {"confirmed_at": pl.Datetime("us", "UTC")}), fields)
+    store.refresh_row_hashes(fields)
+    segment_rows, _ = store.differing_rows(fields)
+    assert sorted(segment_rows.get_column("identifier")) == [x, y, y]
+    config = ActivationConfig(name="d", segment={"table": "t"}, mode="mirror",
+                              fields={"person.nickname": "name"}, attributes=["plan"])
+    planned = plan_changes(segment_rows, EMPTY_REJECTED, store.read_snapshot(fields), config)
+    assert "delete" not in planned.change_set.get_column("op").to_list()

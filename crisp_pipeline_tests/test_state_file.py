@@ -103,3 +103,19 @@ def test_a_step_leaves_the_objects_from_before_it_to_the_collector_and_gives_the
     assert seen and seen[0] > before + 10_000  # Dagster's objects and ours, set aside
     assert gc.get_freeze_count() == before  # and handed back
     assert pipeline.crisp()["a@x.io"]["data"] == {"plan": "pro"}
+
+
+def test_objects_the_process_froze_stay_frozen_through_a_run(emulator, tmp_path, monkeypatch):
+    crisp_env(monkeypatch, emulator)
+    config = ActivationConfig(name="gcp", segment={"table": "people"}, mode="upsert",
+                              attributes=["plan"])
+    pipeline = Pipeline(emulator, str(tmp_path / "g.duckdb"), config)
+    pipeline.load([{"email": "a@x.io", "plan": "pro"}])
+    gc.freeze()  # (as a server that forks workers does)
+    try:
+        frozen = gc.get_freeze_count()
+        pipeline.run()
+        assert gc.get_freeze_count() >= frozen  # nothing the process froze was thawed
+    finally:
+        gc.unfreeze()
+    assert pipeline.crisp()["a@x.io"]["data"] == {"plan": "pro"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,22 +60,35 @@ def holding_activation(context: Any, db: DuckDBResource, config: ActivationConfi
         _let_go(connect, config.name, run_id)
 
 
+_FREEZING = threading.Lock()
+_frozen_by_a_step = False
+
+
 @contextlib.contextmanager
 def _collector_spares_the_process() -> Iterator[None]:
     """Python's cycle collector leaves alone, for the step, the objects that existed before
     it (Dagster's and ours: about 270,000 in a run worker). A step that builds many objects
     (a sync turns its change set into one Python object per person) sets off full
     collections, and each walked them all: 0.15 s of a 1M-person run with 1% changed
-    (`bench/end_to_end.py`). They are handed back to the collector when the step ends, so
-    nothing is kept longer than the step. Not nested: an inner use leaves it to the outer."""
-    if gc.get_freeze_count():  # (frozen already: by an outer step, or by the process)
-        yield
-        return
-    gc.freeze()
+    (`bench/end_to_end.py`). They are handed back to the collector when the step ends.
+    Young garbage is collected first (cheap), so a cycle a previous step left (say, an
+    exception's traceback) is not set aside with them; older garbage waits for the step's
+    end. Not when something else froze objects already (the process, a user's code): then
+    this does nothing, and it never thaws what it did not freeze before the step."""
+    global _frozen_by_a_step
+    with _FREEZING:
+        mine = not _frozen_by_a_step and gc.get_freeze_count() == 0
+        if mine:
+            gc.collect(1)
+            gc.freeze()
+            _frozen_by_a_step = True
     try:
         yield
     finally:
-        gc.unfreeze()
+        if mine:
+            with _FREEZING:
+                gc.unfreeze()
+                _frozen_by_a_step = False
 
 
 # The state file kept open from an activation's first step of a run to its last (steps run

@@ -262,7 +262,9 @@ class _Hold:
 
     def release(self, pause: bool = False) -> None:
         if self.connection is not None:
-            self.connection.close()  # (the last connection: DuckDB checkpoints)
+            # DuckDB checkpoints when its last connection to the file closes (if a user's
+            # own connection is still open, at its close: the WAL keeps the writes meanwhile)
+            self.connection.close()
             self.connection = None
             self.catalog = _Catalog()
         if pause:
@@ -288,10 +290,11 @@ class _Hold:
 
 _HOLDS: dict[str, _Hold] = {}
 
-# While the file is held, a commit does not checkpoint: DuckDB would at any commit it expects
-# to write more than 16 MiB (a sync's 10,000 confirmations in a 1M snapshot), and again at
-# the next. The run's writes are checkpointed once, when the file is let go. (The WAL keeps
-# each commit durable meanwhile; DuckDB replays it after a crash.)
+# While the file is held, a commit does not checkpoint (below 1 GB of log): DuckDB would at
+# any commit it expects to write more than 16 MiB (a sync's 10,000 confirmations in a 1M
+# snapshot), and again at the next. The writes are checkpointed when the file is let go
+# (`_Hold`: after a second unused, at the latest after `hold_seconds()`). The WAL keeps each
+# commit durable meanwhile; DuckDB replays it after a crash.
 HELD_CHECKPOINT_THRESHOLD = "1GB"
 
 
@@ -1107,8 +1110,7 @@ class StateStore:
                 return pl.DataFrame(), self._snapshot_rows(connection, fields)
             self._temp_table(
                 connection, "differing", "select coalesce(s.identifier, k.identifier) as "
-                "identifier, s.identifier is not null as in_segment from "
-                f"{self.table('segment')} s full outer join (select "
+                f"identifier from {self.table('segment')} s full outer join (select "
                 f"identifier, row_hash from {self.table('snapshot')} where website_id = ?) k "
                 "on s.identifier = k.identifier where s.row_hash is distinct from k.row_hash",
                 [self._website()])
@@ -1130,21 +1132,23 @@ class StateStore:
     def _differing_segment_rows(self, connection: StateConnection) -> pl.DataFrame:
         """The segment rows of the identifiers in the temporary table `differing`. Most are
         the rows this run's segment step wrote (a row that did not change in the source is
-        usually confirmed as it is): those are read from the row groups of the latest
-        generation alone, which DuckDB finds by their min/max statistics (a 1% change in a
-        1M segment: 0.11 s to read every row group's columns, a few ms these). The whole
-        table is read only when some differing row is older (a write Crisp refused, a
-        person changed in Crisp since)."""
+        usually confirmed as it is). When no row of an earlier write has such an identifier
+        (counted from two narrow columns), they are read from the latest generation's row
+        groups alone, which DuckDB finds by their min/max statistics: in a 1M segment with
+        1% changed, 0.11 s to read every row group's columns, a few ms these. Otherwise
+        (a write Crisp refused, a person changed in Crisp since), and on Postgres, which has
+        no such statistics, the whole table is read."""
         table = self.table("segment")
-        generation = self._segment_generation(connection)
         wanted = "identifier in (select identifier from differing)"
+        generation = (self._segment_generation(connection) if self._dialect == "duckdb"
+                      else None)
         if generation is not None:
-            latest = connection.execute(f"select * from {table} where {STAGED_IN} = ? and "
-                                        f"{wanted}", [generation]).pl()
-            in_segment = connection.execute(
-                "select count(*) from differing where in_segment").fetchone()[0]
-            if latest.height == in_segment:
-                return latest.drop(STAGED_IN)
+            older = connection.execute(
+                f"select count(*) from {table} where {STAGED_IN} is distinct from ? and "
+                f"{wanted}", [generation]).fetchone()[0]
+            if older == 0:
+                return connection.execute(f"select * from {table} where {STAGED_IN} = ? "
+                                          f"and {wanted}", [generation]).pl().drop(STAGED_IN)
         rows = connection.execute(f"select * from {table} where {wanted}").pl()
         return rows.drop(STAGED_IN, strict=False)
 
