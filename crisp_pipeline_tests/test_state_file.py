@@ -111,11 +111,13 @@ def test_objects_the_process_froze_stay_frozen_through_a_run(emulator, tmp_path,
                               attributes=["plan"])
     pipeline = Pipeline(emulator, str(tmp_path / "g.duckdb"), config)
     pipeline.load([{"email": "a@x.io", "plan": "pro"}])
+    sentinel = [object()]  # (tracked by the collector)
     gc.freeze()  # (as a server that forks workers does)
     try:
-        frozen = gc.get_freeze_count()
+        assert not any(o is sentinel for o in gc.get_objects())  # frozen: not listed
         pipeline.run()
-        assert gc.get_freeze_count() >= frozen  # nothing the process froze was thawed
+        assert not any(o is sentinel for o in gc.get_objects())  # and never thawed
     finally:
         gc.unfreeze()
+    assert any(o is sentinel for o in gc.get_objects())
     assert pipeline.crisp()["a@x.io"]["data"] == {"plan": "pro"}
