@@ -1142,7 +1142,7 @@ class StateStore:
         wanted = "identifier in (select identifier from differing)"
         generation = (self._segment_generation(connection) if self._dialect == "duckdb"
                       else None)
-        if generation is not None:
+        if generation is not None and generation > 1:  # (1: one write holds every row)
             older = connection.execute(
                 f"select count(*) from {table} where {STAGED_IN} is distinct from ? and "
                 f"{wanted}", [generation]).fetchone()[0]
