@@ -121,3 +121,31 @@ def test_objects_the_process_froze_stay_frozen_through_a_run(emulator, tmp_path,
         gc.unfreeze()
     assert any(o is sentinel for o in gc.get_objects())
     assert pipeline.crisp()["a@x.io"]["data"] == {"plan": "pro"}
+
+
+def test_a_wait_for_a_file_another_process_holds_ends_at_the_limit(state_file, monkeypatch):
+    """CRISP_PIPELINE_DB_WAIT_SECONDS bounds the wait: the backoff between tries grows to
+    2 s, and a last sleep must not carry the wait past the limit (the run then defers what
+    it could not record or pay, as documented, instead of waiting on)."""
+    import time
+
+    from crisp_pipeline.state.store import StateUnavailable, open_duckdb
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        connection = duckdb.connect({state_file!r})
+        print("holding", flush=True)
+        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        monkeypatch.setenv("CRISP_PIPELINE_DB_WAIT_SECONDS", "1")
+        waits = []
+        for _ in range(8):  # (the backoff is random)
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable):
+                open_duckdb(state_file)
+            waits.append(time.monotonic() - started)
+        assert max(waits) < 1.5, waits
+    finally:
+        holder.kill()
+        holder.wait()

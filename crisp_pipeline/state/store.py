@@ -109,7 +109,9 @@ def hold_seconds() -> float:
 
 
 def _waited_enough(retry_state) -> bool:
-    return retry_state.seconds_since_start >= lock_wait_seconds()
+    """Stop before a sleep would end past `lock_wait_seconds()`: the backoff grows to 2 s,
+    and a check of the time already waited alone let a wait run up to 2 s past the limit."""
+    return retry_state.seconds_since_start + retry_state.upcoming_sleep > lock_wait_seconds()
 
 
 @retry(retry=retry_if_exception(_is_lock_conflict), wait=wait_random_exponential(0.05, max=2),
