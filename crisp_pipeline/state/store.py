@@ -257,7 +257,7 @@ class _Hold:
             self.release(pause=True)
         elif self.connection is None and self.depth and moment >= self.paused_until:
             self.connection = open_duckdb(self.path, self.config)
-            _checkpoint_once_when_let_go(self.connection)
+            _checkpoint_when_let_go(self.connection)
             self.catalog = _Catalog()
             self.opened_at = moment
         self.used_at = moment
@@ -300,7 +300,7 @@ _HOLDS: dict[str, _Hold] = {}
 HELD_CHECKPOINT_THRESHOLD = "1GB"
 
 
-def _checkpoint_once_when_let_go(connection: duckdb.DuckDBPyConnection) -> None:
+def _checkpoint_when_let_go(connection: duckdb.DuckDBPyConnection) -> None:
     """A setting of the database instance, which lasts while the file is held (a connection
     opened for a single use gets DuckDB's default: being the last, it checkpoints when
     closed)."""
@@ -314,7 +314,7 @@ def file_kept_open(path: str, config: dict | None = None) -> Iterator[None]:
     block then costs well under a millisecond instead of opening the file (about 12 ms for
     a 1M-person state), its queries share a warm cache instead of reading the file again
     (loading the snapshot's key index alone takes about 0.2 s), and writes are checkpointed
-    once, when the file is let go, instead of after every use or large commit
+    when the file is let go, instead of after every use or large commit
     (`HELD_CHECKPOINT_THRESHOLD`). The file is let go after
     `hold_seconds()` at a stretch, or `_Hold.IDLE_SECONDS` unused, so that another
     process waiting for it is not starved. Blocks nest."""
@@ -548,16 +548,17 @@ class StateStore:
         identifier, email and fields, hashed as the snapshot hashes its rows. Returns the rows
         written and deleted."""
         fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash")]
+        row_hashes = accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash")
         table = self.table("segment")
         with self._transaction() as connection:
             if self._dialect == "postgres":
                 from .postgres import check_name_lengths
                 check_name_lengths(fields, "field")
-            generation = (self._segment_generation(connection) or 0) + 1 if kept is not None \
-                else 1
-            hashed = accepted.with_columns(
-                accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash"),
-                pl.lit(generation, dtype=pl.Int64).alias(STAGED_IN))
+            generation = 1  # (a replaced table holds one write)
+            if kept is not None:
+                generation = (self._segment_generation(connection) or 0) + 1
+            hashed = accepted.with_columns(row_hashes,
+                                           pl.lit(generation, dtype=pl.Int64).alias(STAGED_IN))
             if kept is None:
                 deleted = (connection.execute(f"select count(*) from {table}").fetchone()[0]
                            if self._exists(connection, "segment") else 0)
