@@ -149,3 +149,48 @@ def test_a_wait_for_a_file_another_process_holds_ends_at_the_limit(state_file, m
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_runs_earlier_writes_are_checkpointed_while_the_sync_waits_on_crisp(
+        emulator, tmp_path, monkeypatch):
+    """The segment's and the change set's writes are in the WAL when the sync starts (the
+    file is held from the first step); they are checkpointed while the first requests wait
+    on Crisp, so that the step's end has only the sync's own writes left to checkpoint."""
+    from crisp_pipeline.emulator.faults import FaultPlan
+    from crisp_pipeline.state.store import StateStore
+
+    crisp_env(monkeypatch, emulator)
+    monkeypatch.setenv("CRISP_PIPELINE_DB_HOLD_SECONDS", "30")
+    config = ActivationConfig(name="ckpt", segment={"table": "people"}, mode="upsert",
+                              attributes=["plan", "note"])
+    path = str(tmp_path / "c.duckdb")
+    pipeline = Pipeline(emulator, path, config)
+    people = [{"email": f"p{i}@x.io", "plan": "pro", "note": "n" * 50} for i in range(3000)]
+    pipeline.load(people)
+    pipeline.run()
+    pipeline.load([{**p, "note": "changed " * 8} if i % 10 == 0 else p
+                   for i, p in enumerate(people)])
+    at_start, at_first_record = [], []
+    from crisp_pipeline.orchestration import assets
+    apply_change_set, record_batch = assets.apply_change_set, StateStore.record_batch
+
+    def starting(*args, **kwargs):
+        at_start.append(wal_bytes(path))
+        return apply_change_set(*args, **kwargs)
+
+    def recording(self, *args, **kwargs):
+        if not at_first_record:  # once Crisp confirmed the first writes
+            at_first_record.append(wal_bytes(path))
+        return record_batch(self, *args, **kwargs)
+    monkeypatch.setattr(assets, "apply_change_set", starting)
+    monkeypatch.setattr(StateStore, "record_batch", recording)
+    emulator.emulator.set_faults(FaultPlan(latency_ms=200))
+    try:
+        result = pipeline.run()
+    finally:
+        emulator.emulator.set_faults(FaultPlan())
+    assert result.success
+    assert at_start and at_start[0] > 0  # the segment's and change set's commits
+    assert at_first_record == [0]  # checkpointed before the sync recorded anything
+    assert wal_bytes(path) == 0  # and the sync's own writes when the file was let go
+    assert pipeline.crisp()["p0@x.io"]["data"]["note"] == "changed " * 8

@@ -979,6 +979,17 @@ class StateStore:
             if not deletions.is_empty():
                 self._append(connection, "deletions", deletions)
 
+    def checkpoint(self) -> None:
+        """Write what DuckDB's log holds into the file now (nothing to do on Postgres). A
+        held file is checkpointed when it is let go (`HELD_CHECKPOINT_THRESHOLD`), which is
+        at the end of the run's last step; the sync calls this in a worker thread as it
+        starts sending, so that the run's earlier writes (the segment, the change set) are
+        checkpointed while its requests wait on Crisp. DuckDB lets other transactions run
+        meanwhile; this process's uses of the file wait for it (`connect_file`)."""
+        with self._session(writing=False) as connection:
+            if self._dialect == "duckdb":
+                connection.execute("checkpoint")
+
     def record_run(self, run: dict[str, object]) -> None:
         with self._session() as connection:
             self._append(connection, "runs", pl.DataFrame([run], schema=RUN_SCHEMA))

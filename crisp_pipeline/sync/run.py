@@ -82,6 +82,26 @@ class SyncReport:
         }
 
 
+async def _checkpoint_while_sending(store: StateStore, client) -> asyncio.Task:
+    """Start checkpointing the run's earlier writes (`StateStore.checkpoint`) in a worker
+    thread, once the budget's first block is reserved: the requests then go out while it
+    runs, and only the sync's own writes are left for the end of the step (1M people, 1%
+    changed: 0.13 s of the 0.26 s checkpoint, in `bench/end_to_end.py`). Recording waits
+    for it like any other use of the file. A failed checkpoint loses nothing (the commits
+    are in DuckDB's log; the file is checkpointed when let go) and does not stop the sync."""
+    reserve = getattr(client.budget, "reserve_block", None)
+    if reserve is not None:
+        await asyncio.to_thread(reserve)
+
+    def checkpoint() -> None:
+        try:
+            store.checkpoint()
+        except Exception as error:  # noqa: BLE001 - see above
+            log.warning("could not checkpoint the state file while sending (%s); it is "
+                        "checkpointed when the run lets go of it", type(error).__name__)
+    return asyncio.create_task(asyncio.to_thread(checkpoint))
+
+
 def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                      settings_factory: Callable[[], CrispSettings], options: ClientOptions,
                      connect: Connect, *, dry_run: bool, verdict: GuardVerdict,
@@ -144,6 +164,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
 
         async def send() -> SyncSummary:
             async with open_client(settings_factory(), options, connect) as client:
+                checkpointing = await _checkpoint_while_sending(store, client)
                 try:
                     engine = SyncEngine(client, fields, order=config.order,
                                         batch_size=config.batch_size, progress=progress,
@@ -154,6 +175,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                     return await engine.apply(work.to_dicts(), record)
                 finally:
                     report.stats = client.stats
+                    await checkpointing
         report.summary = asyncio.run(send())
     held = change_set.filter(pl.col("reason") == HELD).height
     store.record_run({
