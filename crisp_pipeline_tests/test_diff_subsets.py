@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from crisp_pipeline.activation import ActivationConfig
 from crisp_pipeline.changes.diff import plan_changes
+from crisp_pipeline.changes.normalize import identifier_hash
 from crisp_pipeline.state.store import UNCONFIRMED, StateStore, connect_file, now
 
 IDS = [f"p{i}@x.io" for i in range(12)]
@@ -29,11 +30,20 @@ snapshots = st.dictionaries(
 
 
 def normalized(rows: dict) -> pl.DataFrame:
-    return pl.DataFrame(
+    """Rows as the segment step stages them, with their hashes (the raw hash stands for a
+    source row's: the row's values)."""
+    frame = pl.DataFrame(
         [{"row_number": n, "identifier": i, "email": i, "person.nickname": a, "data.plan": b}
          for n, (i, (a, b)) in enumerate(sorted(rows.items()), start=1)],
         schema={"row_number": pl.Int64, "identifier": pl.String, "email": pl.String,
                 "person.nickname": pl.String, "data.plan": pl.String})
+    return frame.with_columns(
+        frame.select("identifier", "person.nickname", "data.plan").hash_rows(seed=1)
+        .alias("raw_hash"), identifier_hash("identifier").alias("id_hash"))
+
+
+def hashes(rows: pl.DataFrame) -> pl.DataFrame:
+    return rows.select("id_hash", "raw_hash")
 
 
 def canonical(change_set: pl.DataFrame) -> list[tuple]:
@@ -49,14 +59,14 @@ def write_in_two_generations(store: StateStore, earlier: dict, segment: dict) ->
     """The segment as a run leaves it after an earlier run's: the rows that did not change
     kept from the earlier write, the others deleted and written again (a later
     generation)."""
-    store.write_segment(normalized(earlier), EMPTY_REJECTED, NO_UNIDENTIFIED, "r1")
+    first = normalized(earlier)
+    store.write_segment(first, EMPTY_REJECTED, NO_UNIDENTIFIED, "r1")
     kept = [i for i in segment if earlier.get(i) == segment[i]]
+    is_kept = pl.col("identifier").is_in(kept)
     store.write_segment(
         normalized({i: v for i, v in segment.items() if i not in kept}), EMPTY_REJECTED,
-        NO_UNIDENTIFIED, "r2", kept=pl.DataFrame({"identifier": kept, "raw_hash": [0] * len(kept)},
-                                                 schema={"identifier": pl.String,
-                                                         "raw_hash": pl.UInt64}),
-        leaving=pl.Series([i for i in earlier if i not in kept], dtype=pl.String))
+        NO_UNIDENTIFIED, "r2", kept=hashes(first.filter(is_kept)),
+        leaving=hashes(first.filter(~is_kept)))
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,14 +177,12 @@ def test_rows_of_an_earlier_write_are_read_whenever_their_identifier_differs(tmp
     fields = ["person.nickname", "data.plan"]
     store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_d", "w")
     x, y = IDS[0], IDS[1]
-    store.write_segment(normalized({x: ('"a"', '"b"'), y: ('"a"', '"b"')}), EMPTY_REJECTED,
-                        NO_UNIDENTIFIED, "r1")
+    first = normalized({x: ('"a"', '"b"'), y: ('"a"', '"b"')})
+    store.write_segment(first, EMPTY_REJECTED, NO_UNIDENTIFIED, "r1")
     copies = pl.concat([normalized({y: ('"a"', '"b"')}), normalized({y: ('"c"', '"d"')})])
     store.write_segment(copies, EMPTY_REJECTED, NO_UNIDENTIFIED, "r2",
-                        kept=pl.DataFrame({"identifier": [x], "raw_hash": [0]},
-                                          schema={"identifier": pl.String,
-                                                  "raw_hash": pl.UInt64}),
-                        leaving=pl.Series([y], dtype=pl.String))
+                        kept=hashes(first.filter(pl.col("identifier") == x)),
+                        leaving=hashes(first.filter(pl.col("identifier") == y)))
     store.confirm(pl.DataFrame([{"identifier": i, "people_id": f"id-{i}", "email": i,
                                  "confirmed_at": now(), "person.nickname": '"z"' if i == x
                                  else '"a"', "data.plan": '"b"'} for i in (x, y)]).cast(

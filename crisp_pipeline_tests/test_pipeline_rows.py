@@ -114,6 +114,30 @@ def test_an_external_id_keys_people_and_follows_their_email(emulator, tmp_path, 
     pipeline.assert_snapshot_matches_crisp()
 
 
+def test_a_new_person_waits_while_a_managed_person_still_holds_their_email(
+        emulator, tmp_path, monkeypatch):
+    """Keyed by an external id, one person moves to another email as a new person takes
+    their old one: Crisp holds one person per email, so the new person is created only
+    once the managed one has let the email go (the next run)."""
+    pipeline = pipeline_for(emulator, tmp_path, monkeypatch, name="taken",
+                            identifier={"external_id": "user_id", "email": "email"},
+                            attributes=["plan"])
+    bystanders = [{"user_id": i, "email": f"b{i}@x.io", "plan": "free"} for i in range(3, 6)]
+    pipeline.load([{"user_id": 1, "email": "a@x.io", "plan": "pro"}, *bystanders])
+    pipeline.run()
+    pipeline.load([{"user_id": 1, "email": "moved@x.io", "plan": "pro"},
+                   {"user_id": 2, "email": "a@x.io", "plan": "team"}, *bystanders])
+    pipeline.run()
+    planned = {r["identifier"]: (r["op"], r["reason"])
+               for r in pipeline.store.read("change_set").to_dicts()}
+    assert planned == {"1": ("update", None), "2": ("skip", "email_taken")}
+    crisp = pipeline.crisp()
+    assert "a@x.io" not in crisp and crisp["moved@x.io"]["data"]["plan"] == "pro"
+    pipeline.run()
+    assert pipeline.crisp()["a@x.io"]["data"] == {"user_id": 2, "plan": "team"}
+    pipeline.assert_snapshot_matches_crisp()
+
+
 def test_keys_crisp_holds_that_no_activation_manages_are_never_touched(
         emulator, tmp_path, monkeypatch):
     people_id = emulator.emulator.store.create(WEBSITE, {"email": "k@x.io",

@@ -138,14 +138,27 @@ def test_a_segment_rewritten_by_an_older_version_is_normalised_anew(tmp_path):
     assert staged(store, BY_EMAIL) == from_scratch(frame(rows), BY_EMAIL)
 
 
-def test_a_row_is_known_only_under_its_own_identifier_even_if_two_stored_rows_share_a_hash():
-    """Rows are matched to stored ones on the hash, then the identifiers compared; a hash two
-    stored rows share (a 64-bit collision, forced here) falls back to matching the pair."""
+def test_a_row_is_known_only_under_its_own_identifier_and_never_by_a_shared_hash():
+    """Rows are matched to stored ones on the raw hash, then the identifiers compared by
+    their hashes; a raw hash two stored rows share (a 64-bit collision, forced here) makes
+    the stored hashes unusable: everything is normalised again, which is always exact."""
     keys = pl.DataFrame({normalize._IDENTIFIER: ["a", "b", "c", None], "raw_hash": [1, 2, 3, 1]},
-                        schema={normalize._IDENTIFIER: pl.String, "raw_hash": pl.UInt64})
-    unique = pl.DataFrame({"identifier": ["a", "x"], "raw_hash": [1, 2]},
-                          schema={"identifier": pl.String, "raw_hash": pl.UInt64})
-    shared = pl.DataFrame({"identifier": ["a", "b", "z"], "raw_hash": [1, 2, 2]},
-                          schema={"identifier": pl.String, "raw_hash": pl.UInt64})
-    assert normalize._known_rows(keys, unique).to_list() == [True, False, False, False]
-    assert normalize._known_rows(keys, shared).to_list() == [True, True, False, False]
+                        schema={normalize._IDENTIFIER: pl.String, "raw_hash": pl.UInt64}
+                        ).with_columns(normalize.identifier_hash(normalize._IDENTIFIER)
+                                       .alias(normalize._ID_HASH))
+
+    def stored(pairs):
+        return pl.DataFrame(pairs, schema={"identifier": pl.String, "raw_hash": pl.UInt64},
+                            orient="row").select(
+            normalize.identifier_hash("identifier").alias("id_hash"), "raw_hash")
+    assert normalize._known_rows(keys, stored([("x", 2), ("a", 1)])).to_list() == \
+        [1, -1, -1, -1]
+    assert normalize._known_rows(keys, stored([("a", 1), ("b", 2), ("z", 2)])) is None
+    rows = [(f"u{i}", f"p{i}@x.io", f"P{i}", "free", float(i)) for i in range(5)]
+    known = normalize_segment(frame(rows), BY_EMAIL).accepted.select("id_hash", "raw_hash")
+    shared = pl.concat([known, known.tail(1)])  # (a stored row twice)
+    rows[0] = ("u0", "p0@x.io", "P0", "pro", 0.0)
+    assert normalize_segment(frame(rows), BY_EMAIL, known=shared).complete
+    again = normalize_segment(frame(rows), BY_EMAIL, known=known)
+    assert not again.complete and again.accepted.get_column("identifier").to_list() == [
+        "p0@x.io"] and again.leaving.rows() == known.head(1).rows()

@@ -139,9 +139,11 @@ def plan_changes(segment: pl.DataFrame, rejected: pl.DataFrame, snapshot: pl.Dat
         snapshot.get_column(IDENTIFIER).implode())).get_column(EMAIL)
     source_emails = pl.concat([unmanaged, rejected.get_column(EMAIL)]
                               ).drop_nulls().str.to_lowercase().implode()
-    # only the managed emails a new row carries: a literal of every managed email would
-    # make the lazy plan below carry (and copy) a million-element list
-    new_emails = new.get_column("new_email").drop_nulls().str.to_lowercase()
+    # only the managed emails a row of someone not managed carries (the one case that asks,
+    # below): a literal of every managed email would make the lazy plan below carry (and
+    # copy) a million-element list, and a lookup costs a scan of every managed email
+    arriving = keys.filter(pl.col("i_old").is_null()).get_column("i_new").drop_nulls()
+    new_emails = segment.get_column(EMAIL)[arriving].drop_nulls().str.to_lowercase()
     if callable(managed_emails):
         taken = managed_emails(new_emails.unique())
     else:

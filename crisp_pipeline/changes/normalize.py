@@ -40,11 +40,15 @@ IDENTIFIER = "identifier"
 EMAIL = "email"
 RAW_HASH = "raw_hash"
 RAW_HASH_SEED = 29
+ID_HASH = "id_hash"  # the hash of a row's identifier, kept with it (`identifier_hash`)
 # More than this share of changed rows and normalising everything costs less than matching.
 RENORMALIZE_SHARE = 0.3
 # While normalising, bookkeeping columns carry names no source column can have.
 _ROW, _IDENTIFIER, _EMAIL = "__crisp_row", "__crisp_identifier", "__crisp_email"
-IDENTIFIER_SEED = 0x1D  # (`_known_rows`: any fixed seed; both sides are hashed in one run)
+_ID_HASH, _STORED = "__crisp_id_hash", "__crisp_stored"
+# (any fixed seed: stored hashes are compared only under an equal `normalization_key`, which
+# names the Polars version and this code)
+IDENTIFIER_SEED = 0x1D
 REJECTED_SCHEMA = {ROW: pl.Int64, IDENTIFIER: pl.String, EMAIL: pl.String, "field": pl.String,
                    "reason": pl.String, "message": pl.String}
 LISTED_ROWS = 10  # a message names at most this many other rows
@@ -65,10 +69,10 @@ class NormalizedSegment:
     # message
     unidentified: pl.DataFrame  # rows naming nobody: row_number, fingerprint of the raw row
     source_rows: int
-    # identifier, raw_hash of the accepted rows that were `known` and are not in `accepted`
+    # id_hash, raw_hash of the accepted rows that were `known` and are not in `accepted`
     kept: pl.DataFrame | None = None
-    # identifiers of the `known` rows that are not kept: what the stored segment loses
-    leaving: pl.Series | None = None
+    # id_hash, raw_hash of the `known` rows that are not kept: what the stored segment loses
+    leaving: pl.DataFrame | None = None
 
     @property
     def complete(self) -> bool:
@@ -95,6 +99,13 @@ def normalization_key(raw_schema: pl.Schema, config: ActivationConfig) -> str:
                        [[c, str(raw_schema.get(c))] for c in columns],
                        config.identifier_column, config.email_column, config.keyed_by_email,
                        list(config.managed_columns.items())])  # in order: row hashes
+
+
+def identifier_hash(column: str) -> pl.Expr:
+    """The hash of each identifier in `column` (null for none). A staged row keeps its own
+    (`ID_HASH`): the next run then tells its rows apart from the stored ones without reading
+    a million identifiers back (`_known_rows`)."""
+    return pl.when(pl.col(column).is_not_null()).then(pl.col(column).hash(IDENTIFIER_SEED))
 
 
 def raw_hashes(raw: pl.DataFrame, config: ActivationConfig) -> pl.Series:
@@ -230,9 +241,10 @@ def _problems(frame: pl.DataFrame, config: ActivationConfig,
 
 def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
                       known: pl.DataFrame | None = None) -> NormalizedSegment:
-    """Normalise `raw`. `known` (identifier, raw_hash of the rows accepted last time, under an
+    """Normalise `raw`. `known` (id_hash, raw_hash of the rows accepted last time, under an
     equal `normalization_key`) spares the per-row work for the rows that did not change; the
-    result is then incomplete (`kept` names the unchanged accepted rows)."""
+    result is then incomplete (`kept` names the unchanged accepted rows, `leaving` the stored
+    ones that go)."""
     _check_schema(raw, config)
     values = {field: _value_expr(column, field, raw.schema[column])
               for field, column in config.managed_columns.items()}
@@ -243,18 +255,21 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     frame = raw.with_columns(
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW), email.alias(_EMAIL),
         raw_hashes(raw, config)).with_columns(identifier.alias(_IDENTIFIER))
+    frame = frame.with_columns(identifier_hash(_IDENTIFIER).alias(_ID_HASH))
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
              pl.col(_EMAIL).alias(EMAIL))
 
     # what the checks across rows and the bookkeeping need: narrow, so cheap to filter
-    keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH)
-    fresh, unchanged = frame, None
+    keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH, _ID_HASH)
+    fresh, unchanged, matched = frame, None, None
     if known is not None:
-        is_known = _known_rows(keys, known)
-        if is_known.not_().sum() <= RENORMALIZE_SHARE * frame.height:
-            # (no emails: nothing asks an unchanged row's; at 10M a copy is ~0.3 GB)
-            fresh = frame.filter(~is_known)
-            unchanged = keys.select(_ROW, _IDENTIFIER, RAW_HASH).filter(is_known)
+        matched = _known_rows(keys, known)
+    if matched is not None and (matched < 0).sum() <= RENORMALIZE_SHARE * frame.height:
+        is_known = matched >= 0
+        # (no emails: nothing asks an unchanged row's; at 10M a copy is ~0.3 GB)
+        fresh = frame.filter(~is_known)
+        unchanged = keys.select(_ROW, _IDENTIFIER, RAW_HASH, _ID_HASH).with_columns(
+            matched.alias(_STORED)).filter(is_known)
 
     problems = []
     for field, reason, condition, message in _problems(fresh, config, values):
@@ -267,15 +282,17 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
 
     encoded = [encode_expr(values[field]).alias(field) for field in config.managed_columns]
     accepted = (fresh.join(rejected_rows, on=_ROW, how="anti")
-                .select(*where, *encoded, RAW_HASH))
+                .select(*where, *encoded, RAW_HASH, pl.col(_ID_HASH).alias(ID_HASH)))
     kept = leaving = None
     if unchanged is not None:
         now_rejected = unchanged.get_column(_ROW).is_in(rejected_rows.get_column(_ROW).implode())
-        kept = (unchanged.filter(~now_rejected) if now_rejected.any() else unchanged).select(
-            pl.col(_IDENTIFIER).alias(IDENTIFIER), RAW_HASH)
-        seen = pl.concat([fresh.get_column(_IDENTIFIER),
-                          unchanged.filter(now_rejected).get_column(_IDENTIFIER)])
-        leaving = _leaving(known.get_column(IDENTIFIER), kept.get_column(IDENTIFIER), seen)
+        if now_rejected.any():
+            unchanged = unchanged.filter(~now_rejected)
+        kept = unchanged.select(pl.col(_ID_HASH).alias(ID_HASH), RAW_HASH)
+        # every stored row that no kept row matched: changed, gone, or now rejected
+        is_kept = pl.zeros(known.height, pl.Boolean, eager=True).scatter(
+            unchanged.get_column(_STORED), True)
+        leaving = known.select(ID_HASH, RAW_HASH).filter(~is_kept)
     # rows that name nobody (no identifier; keyed by email, an email that is no one's): such a
     # row is still someone, which mirror must keep in mind before deleting anybody
     names_nobody = pl.col("reason") == "missing_identifier"
@@ -291,39 +308,22 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
                              source_rows=raw.height, kept=kept, leaving=leaving)
 
 
-def _known_rows(keys: pl.DataFrame, known: pl.DataFrame) -> pl.Series:
-    """Whether each row's (identifier, raw_hash) is a stored row's. Joined on the hash
-    alone, then the identifiers compared by their own hashes (a raw row's hash already
-    covers its identifier column: this only tells two people apart whose raw hashes
-    collide): half the time of joining on both, and no copy of ten million identifiers.
-    When two stored rows share a hash (a 64-bit collision: each has its own identifier),
-    the pair is joined instead."""
-    def id_hash(column: str) -> pl.Expr:
-        return pl.when(pl.col(column).is_not_null()).then(pl.col(column).hash(IDENTIFIER_SEED))
-    stored = known.select(id_hash(IDENTIFIER).alias("_stored"), RAW_HASH)
-    mine = keys.select(id_hash(_IDENTIFIER).alias("_mine"), RAW_HASH)
-    matched = mine.join(stored, on=RAW_HASH, how="left", maintain_order="left")
-    if matched.height != keys.height:  # a hash two stored rows share
-        matched = keys.select(_IDENTIFIER, RAW_HASH).join(
-            known.select(pl.col(IDENTIFIER).alias(_IDENTIFIER), RAW_HASH,
-                         pl.col(IDENTIFIER).alias("_stored")),
-            on=[_IDENTIFIER, RAW_HASH], how="left", maintain_order="left"
-        ).with_columns(pl.col(_IDENTIFIER).alias("_mine"))
-    return (matched.get_column("_stored") == matched.get_column("_mine")).fill_null(False)
+def _known_rows(keys: pl.DataFrame, known: pl.DataFrame) -> pl.Series | None:
+    """For each row, the position in `known` of the stored row it is (-1: none): the stored
+    row with its raw hash and the same identifier (compared by their hashes: a raw row's hash
+    already covers its identifier column, so this only tells apart two people whose raw
+    hashes collide). Joined on the stored hashes alone, with no identifier read back.
 
-
-def _leaving(known: pl.Series, kept: pl.Series, seen: pl.Series) -> pl.Series:
-    """The known identifiers that are not kept. Known identifiers are unique and every kept
-    one is known, so: none when all are kept; else, usually, those among the identifiers
-    of this run's rows that were not kept (`seen`: changed or rejected rows; such an
-    identifier is never kept, since a kept row has no other row with its identifier); only
-    when some known identifier is in no row at all, a comparison with every kept one."""
-    if kept.len() == known.len():
-        return known.clear()
-    candidates = known.filter(known.is_in(seen.drop_nulls().implode()))
-    if kept.len() + candidates.len() == known.len():
-        return candidates
-    return known.filter(~known.is_in(kept.implode()))
+    None when two stored rows share a raw hash that a row has (a 64-bit collision, or a
+    table edited by hand): the row could not be told to be either, and deleting by hash
+    could take the other; the caller then normalises everything, which is always exact."""
+    stored = known.select(pl.col(ID_HASH).alias("_stored"), RAW_HASH).with_row_index(_STORED)
+    matched = keys.select(_ID_HASH, RAW_HASH).join(stored, on=RAW_HASH, how="left",
+                                                   maintain_order="left")
+    if matched.height != keys.height:
+        return None
+    return matched.select(pl.when(pl.col("_stored") == pl.col(_ID_HASH))
+                          .then(pl.col(_STORED).cast(pl.Int64)).otherwise(-1)).to_series()
 
 
 def _people_twice(frame: pl.DataFrame, config: ActivationConfig, where: tuple,

@@ -522,32 +522,35 @@ class StateStore:
         return (row[0], row[1]) if row else (None, None)
 
     def segment_fingerprints(self, key: str) -> pl.DataFrame | None:
-        """(identifier, raw_hash) of the staged segment's rows when they were fingerprinted
-        under `key` (`changes.normalize.normalization_key`); None otherwise."""
+        """(id_hash, raw_hash) of the staged segment's rows when they were fingerprinted
+        under `key` (`changes.normalize.normalization_key`); None otherwise. Two integer
+        columns: the identifiers themselves stay in the file."""
         with self._session(writing=False) as connection:
             if not (self._exists(connection, "segment") and
                     self._exists(connection, "segment_key")):
                 return None
             stored = connection.execute(
                 f"select key from {self.table('segment_key')}").fetchone()
-            if stored is None or stored[0] != key or not {"raw_hash", STAGED_IN} <= set(
+            if stored is None or stored[0] != key or not {"raw_hash", "id_hash", STAGED_IN} <= set(
                     self._columns(connection, "segment")):
                 return None  # (an older version may have rewritten the segment since)
             return connection.execute(
-                f"select identifier, raw_hash from {self.table('segment')}").pl()
+                f"select id_hash, raw_hash from {self.table('segment')}").pl()
 
     def write_segment(self, accepted: pl.DataFrame, rejected: pl.DataFrame,
                       unidentified: pl.DataFrame, run_id: str, kept: pl.DataFrame | None = None,
-                      key: str | None = None, leaving: pl.Series | None = None
+                      key: str | None = None, leaving: pl.DataFrame | None = None
                       ) -> dict[str, int]:
-        """Keep this run's segment. With `kept` (identifier, raw_hash of the stored rows that
-        did not change, `changes.normalize`), only the rest (`leaving`, when the caller
-        knows it) is deleted and `accepted` (the rows that changed) inserted; without it
-        `accepted` is the whole segment and replaces the table. `key` is the normalisation key
+        """Keep this run's segment. With `kept` (id_hash, raw_hash of the stored rows that did
+        not change, `changes.normalize`), only the rest (`leaving`, the same columns, when
+        the caller knows it) is deleted and `accepted` (the rows that changed) inserted;
+        without it `accepted` is the whole segment and replaces the table. (A stored row is
+        found by its pair of hashes: `changes.normalize._known_rows` uses them only when no
+        two stored rows that a source row names share a raw hash.) `key` is the normalisation key
         the fingerprints were taken under. Each stored row carries `row_hash`, the hash of its
         identifier, email and fields, hashed as the snapshot hashes its rows. Returns the rows
         written and deleted."""
-        fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash")]
+        fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash", "id_hash")]
         row_hashes = accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash")
         table = self.table("segment")
         with self._transaction() as connection:
@@ -570,14 +573,13 @@ class StateStore:
                     connection.register("kept", kept.to_arrow())
                     deleted = connection.execute(
                         f"delete from {table} s where not exists (select 1 from kept k where "
-                        "k.identifier = s.identifier and k.raw_hash = s.raw_hash)"
-                    ).fetchone()[0]
+                        "k.id_hash = s.id_hash and k.raw_hash = s.raw_hash)").fetchone()[0]
                     connection.unregister("kept")
                 elif len(leaving):
-                    connection.register("leaving", leaving.to_frame("identifier").to_arrow())
+                    connection.register("leaving", leaving.to_arrow())
                     deleted = connection.execute(
-                        f"delete from {table} where identifier in (select identifier from "
-                        "leaving)").fetchone()[0]
+                        f"delete from {table} s where exists (select 1 from leaving l where "
+                        "l.id_hash = s.id_hash and l.raw_hash = s.raw_hash)").fetchone()[0]
                     connection.unregister("leaving")
                 if not hashed.is_empty():
                     connection.register("arriving", hashed.to_arrow())
