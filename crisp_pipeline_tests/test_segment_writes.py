@@ -162,3 +162,17 @@ def test_a_row_is_known_only_under_its_own_identifier_and_never_by_a_shared_hash
     again = normalize_segment(frame(rows), BY_EMAIL, known=known)
     assert not again.complete and again.accepted.get_column("identifier").to_list() == [
         "p0@x.io"] and again.leaving.rows() == known.head(1).rows()
+
+def test_a_stored_row_without_its_hashes_has_everything_normalised_again(tmp_path):
+    """(A table edited by hand.) Such a row can be neither matched nor deleted by its
+    hashes: the person who left would stay staged, and mirror would never delete them."""
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_w", "w")
+    rows = [(f"u{i}", f"p{i}@x.io", f"P{i}", "free", float(i)) for i in range(10)]
+    stage_segment(store, BY_EMAIL, Source(frame(rows)), "r1")
+    with store._transaction() as connection:
+        connection.execute(f"update {store.table('segment')} set raw_hash = null "
+                           "where identifier = 'p3@x.io'")
+    del rows[3]
+    result = stage_segment(store, BY_EMAIL, Source(frame(rows)), "r2")
+    assert result.complete
+    assert staged(store, BY_EMAIL) == from_scratch(frame(rows), BY_EMAIL)

@@ -194,3 +194,131 @@ def test_the_runs_earlier_writes_are_checkpointed_while_the_sync_waits_on_crisp(
     assert at_first_record == [0]  # checkpointed before the sync recorded anything
     assert wal_bytes(path) == 0  # and the sync's own writes when the file was let go
     assert pipeline.crisp()["p0@x.io"]["data"]["note"] == "changed " * 8
+
+
+class _FailingCheckpoints:
+    """A held connection whose checkpoints fail as on a full disk (DuckDB then invalidates
+    the database in the process); everything else goes to the real connection."""
+
+    def __init__(self, connection) -> None:
+        self.connection, self.closed = connection, False
+
+    def execute(self, query, *args):
+        if query.strip().lower() == "checkpoint":
+            raise duckdb.FatalException("could not write: No space left on device")
+        return self.connection.execute(query, *args)
+
+    def close(self) -> None:
+        self.closed = True
+        self.connection.close()
+
+
+def test_a_failed_checkpoint_lets_go_of_the_file_and_loses_no_commit(state_file):
+    from crisp_pipeline.state import store as state_store
+
+    connect = connect_file(state_file)
+    with file_kept_open(state_file):
+        with connect() as connection:
+            connection.execute("update t set s = 'committed' where i < 10")
+        hold = state_store._HOLDS[os.path.realpath(state_file)]
+        failing = hold.connection = _FailingCheckpoints(hold.connection)
+        store = state_store.StateStore(connect, "s")
+        with pytest.raises(duckdb.FatalException, match="No space left"):
+            store.checkpoint()
+        assert failing.closed and hold.connection is None  # let go of
+        with connect() as connection:  # opened again, from the file and its log
+            assert connection.execute("select count(*) from t where s = 'committed'"
+                                      ).fetchone()[0] == 10
+            connection.execute("update t set s = 'after' where i < 5")
+    with duckdb.connect(state_file, read_only=True) as connection:
+        assert connection.execute("select count(*) from t where s in ('committed', 'after')"
+                                  ).fetchone()[0] == 10
+
+
+def test_a_file_this_process_does_not_hold_is_not_checkpointed_nor_waited_for(state_file):
+    """Opened for single uses, every close checkpoints; and another process may hold the
+    file: the sync's checkpoint neither opens nor waits for it."""
+    from crisp_pipeline.state.store import StateStore
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        connection = duckdb.connect({state_file!r})
+        print("holding", flush=True)
+        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        import time
+        started = time.monotonic()
+        StateStore(connect_file(state_file), "s").checkpoint()
+        assert time.monotonic() - started < 0.5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _sync_of_30(emulator, tmp_path, monkeypatch, name: str) -> Pipeline:
+    crisp_env(monkeypatch, emulator)
+    monkeypatch.setenv("CRISP_DAILY_QUOTA", "10000")
+    monkeypatch.setenv("CRISP_PIPELINE_DB_HOLD_SECONDS", "30")
+    config = ActivationConfig(name=name, segment={"table": "people"},
+                              fields={"person.nickname": "name"})
+    pipeline = Pipeline(emulator, str(tmp_path / f"{name}.duckdb"), config)
+    pipeline.load([{"email": f"b{i}@x.io", "name": f"B{i}"} for i in range(30)])
+    return pipeline
+
+
+def test_a_sync_whose_checkpoint_fails_sends_and_records_everything(
+        emulator, tmp_path, monkeypatch, caplog):
+    from crisp_pipeline.state.store import StateStore
+
+    pipeline = _sync_of_30(emulator, tmp_path, monkeypatch, "ckfail")
+
+    def failing(self):
+        raise duckdb.FatalException("could not write: No space left on device")
+    monkeypatch.setattr(StateStore, "checkpoint", failing)
+    result = pipeline.run()
+    assert result.success and len(pipeline.crisp()) == 30
+    pipeline.assert_snapshot_matches_crisp()
+    assert "No space left on device" in caplog.text
+
+
+def test_one_failed_budget_reservation_at_the_start_of_a_sync_stops_nothing(
+        emulator, tmp_path, monkeypatch):
+    """(A Postgres statement timeout under a shared token, say.) The first spend asks
+    again, as it would have without the reservation ahead."""
+    from crisp_pipeline.orchestration import assets
+    from crisp_pipeline.state import budget
+
+    pipeline = _sync_of_30(emulator, tmp_path, monkeypatch, "bfail")
+    add, apply_change_set, failures = budget._add, assets.apply_change_set, []
+
+    def failing_once_in_the_sync(*args, **kwargs):
+        if failures == ["armed"]:
+            failures.append("failed")
+            raise RuntimeError("canceling statement due to statement timeout")
+        return add(*args, **kwargs)
+
+    def syncing(*args, **kwargs):
+        failures.append("armed")
+        return apply_change_set(*args, **kwargs)
+    monkeypatch.setattr(budget, "_add", failing_once_in_the_sync)
+    monkeypatch.setattr(assets, "apply_change_set", syncing)
+    result = pipeline.run()
+    assert failures == ["armed", "failed"]
+    assert result.success and len(pipeline.crisp()) == 30
+    # every request Crisp saw was paid, once
+    assert budget.spent_today(pipeline.store._connect, "plugin-id") == len(
+        pipeline.requests_of_last_run())
+
+
+def test_a_sync_whose_budget_cannot_reach_the_file_does_not_wait_for_it_again(
+        emulator, tmp_path, monkeypatch):
+    from crisp_pipeline.state.budget import StoredBudget
+    from crisp_pipeline.state.store import StateStore
+
+    pipeline = _sync_of_30(emulator, tmp_path, monkeypatch, "bheld")
+    checkpoints = []
+    monkeypatch.setattr(StoredBudget, "reserve_block", lambda self: False)
+    monkeypatch.setattr(StateStore, "checkpoint", lambda self: checkpoints.append(1))
+    result = pipeline.run()
+    assert result.success and len(pipeline.crisp()) == 30 and checkpoints == []

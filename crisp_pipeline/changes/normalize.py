@@ -316,7 +316,12 @@ def _known_rows(keys: pl.DataFrame, known: pl.DataFrame) -> pl.Series | None:
 
     None when two stored rows share a raw hash that a row has (a 64-bit collision, or a
     table edited by hand): the row could not be told to be either, and deleting by hash
-    could take the other; the caller then normalises everything, which is always exact."""
+    could take the other; and when a stored hash is missing (a table edited by hand: such a
+    row could be neither matched nor deleted). The caller then normalises everything, which
+    is always exact. (The identifiers are not read back: an identifier edited by hand in the
+    stored table goes unnoticed, see the README.)"""
+    if known.select(pl.col(ID_HASH, RAW_HASH).null_count()).sum_horizontal().item():
+        return None
     stored = known.select(pl.col(ID_HASH).alias("_stored"), RAW_HASH).with_row_index(_STORED)
     matched = keys.select(_ID_HASH, RAW_HASH).join(stored, on=RAW_HASH, how="left",
                                                    maintain_order="left")

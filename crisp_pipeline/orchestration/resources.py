@@ -155,6 +155,8 @@ def _failing_as_steps(connect):
             yield
 
     guarded.kept_open = kept_open
+    if hasattr(connect, "checkpoint_if_held"):
+        guarded.checkpoint_if_held = connect.checkpoint_if_held
     return guarded
 
 

@@ -168,23 +168,26 @@ class StoredBudget:
             except Exception as error:  # noqa: BLE001 - kept, so over-counted: the safe side
                 log.warning("could not give back %d reserved requests: %s", granted, error)
 
-    def reserve_block(self) -> None:
-        """Reserve a block now unless one is reserved. A sync does this before it starts a
-        long use of the state file (`StateStore.checkpoint`), so that its first requests
-        are paid without waiting for the file; a store that cannot be reached is left to
-        the first spend to report."""
+    def reserve_block(self) -> bool:
+        """Reserve a block now unless one is reserved; False when the store could not be
+        reached. A sync does this before it starts a long use of the state file
+        (`StateStore.checkpoint`), so that its first requests are paid without waiting for
+        the file. A failure is left to the first spend to meet and report, as it does
+        without this."""
         with self._lock:
             while self._refilling:
                 self._refilled.wait()
             if self._closed or self._day_changed() or self._reserved >= self.block:
-                return
+                return True
             asked = self.block - self._reserved
             try:
                 granted = _add(self._connect, self.token, asked, self.quota, self._day)
-            except StateUnavailable:
-                return
+            except Exception as error:  # noqa: BLE001 - see above
+                log.debug("reserving the first block failed: %s", error)
+                return False
             self._reserved += granted
             self._short = granted < asked
+            return True
 
     def _day_changed(self) -> bool:
         return _today() != self._day

@@ -158,7 +158,25 @@ def connect_file(path: str, config: dict | None = None) -> Connect:
             finally:
                 connection.close()
     connect.kept_open = lambda: file_kept_open(path, config)
+    connect.checkpoint_if_held = lambda: _checkpoint_if_held(path)
     return connect
+
+
+def _checkpoint_if_held(path: str) -> None:
+    """Checkpoint the file now if this process holds it (`file_kept_open`); nothing when it
+    does not (each use's close then checkpoints, and another process may hold the file:
+    no wait for it). A checkpoint that fails (a full disk) leaves DuckDB's database unusable
+    in this process: the file is let go, so that the next use opens it again from its
+    write-ahead log, which still holds every commit, and the error is raised."""
+    with _file_lock(path):
+        hold = _HOLDS.get(os.path.realpath(path))
+        if hold is None or hold.connection is None:
+            return
+        try:
+            hold.connection.execute("checkpoint")
+        except duckdb.Error:
+            hold.release()
+            raise
 
 
 STATE_URL_ENV = "CRISP_PIPELINE_STATE_URL"
@@ -265,10 +283,11 @@ class _Hold:
     def release(self, pause: bool = False) -> None:
         if self.connection is not None:
             # DuckDB checkpoints when its last connection to the file closes (if a user's
-            # own connection is still open, at its close: the WAL keeps the writes meanwhile)
-            self.connection.close()
-            self.connection = None
+            # own connection is still open, at its close: the WAL keeps the writes meanwhile);
+            # dropped first, so that a close that fails leaves no unusable connection held
+            connection, self.connection = self.connection, None
             self.catalog = _Catalog()
+            connection.close()
         if pause:
             self.paused_until = time.monotonic() + self.PAUSE_SECONDS
 
@@ -987,10 +1006,11 @@ class StateStore:
         at the end of the run's last step; the sync calls this in a worker thread as it
         starts sending, so that the run's earlier writes (the segment, the change set) are
         checkpointed while its requests wait on Crisp. DuckDB lets other transactions run
-        meanwhile; this process's uses of the file wait for it (`connect_file`)."""
-        with self._session(writing=False) as connection:
-            if self._dialect == "duckdb":
-                connection.execute("checkpoint")
+        meanwhile; this process's uses of the file wait for it (`connect_file`). Only a file
+        this process holds is checkpointed (`_checkpoint_if_held`)."""
+        checkpoint = getattr(self._connect, "checkpoint_if_held", None)
+        if checkpoint is not None:
+            checkpoint()
 
     def record_run(self, run: dict[str, object]) -> None:
         with self._session() as connection:

@@ -82,23 +82,25 @@ class SyncReport:
         }
 
 
-async def _checkpoint_while_sending(store: StateStore, client) -> asyncio.Task:
+async def _checkpoint_while_sending(store: StateStore, client) -> asyncio.Task | None:
     """Start checkpointing the run's earlier writes (`StateStore.checkpoint`) in a worker
     thread, once the budget's first block is reserved: the requests then go out while it
     runs, and only the sync's own writes are left for the end of the step (1M people, 1%
     changed: 0.13 s of the 0.26 s checkpoint, in `bench/end_to_end.py`). Recording waits
-    for it like any other use of the file. A failed checkpoint loses nothing (the commits
-    are in DuckDB's log; the file is checkpointed when let go) and does not stop the sync."""
+    for it like any other use of the file. Not when the budget could not reach the state
+    store (another process holds it: no second wait for it). A failed checkpoint does not
+    stop the sync: the commits are in DuckDB's log, and the file is opened again from it
+    (`state.store._checkpoint_if_held`)."""
     reserve = getattr(client.budget, "reserve_block", None)
-    if reserve is not None:
-        await asyncio.to_thread(reserve)
+    if reserve is not None and not await asyncio.to_thread(reserve):
+        return None
 
     def checkpoint() -> None:
         try:
             store.checkpoint()
         except Exception as error:  # noqa: BLE001 - see above
-            log.warning("could not checkpoint the state file while sending (%s); it is "
-                        "checkpointed when the run lets go of it", type(error).__name__)
+            log.warning("could not checkpoint the state file while sending (%s: %s); its "
+                        "commits are kept in DuckDB's log", type(error).__name__, error)
     return asyncio.create_task(asyncio.to_thread(checkpoint))
 
 
@@ -175,7 +177,8 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                     return await engine.apply(work.to_dicts(), record)
                 finally:
                     report.stats = client.stats
-                    await checkpointing
+                    if checkpointing is not None:
+                        await checkpointing
         report.summary = asyncio.run(send())
     held = change_set.filter(pl.col("reason") == HELD).height
     store.record_run({
