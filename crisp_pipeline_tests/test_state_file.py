@@ -5,11 +5,14 @@ runs (`orchestration.run_scope`)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 
 import duckdb
 import pytest
@@ -30,6 +33,22 @@ def state_file(tmp_path, monkeypatch) -> str:
         connection.execute(f"create table t as select range as i, repeat('x', 40) || range "
                            f"as s from range({ROWS})")
     return path
+
+
+@contextlib.contextmanager
+def held_by_another_process(path: str) -> Iterator[None]:
+    """The DuckDB file opened for writing by another process for the block."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        connection = duckdb.connect({path!r})
+        print("holding", flush=True)
+        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def wal_bytes(path: str) -> int:
@@ -127,17 +146,9 @@ def test_a_wait_for_a_file_another_process_holds_ends_at_the_limit(state_file, m
     """CRISP_PIPELINE_DB_WAIT_SECONDS bounds the wait: the backoff between tries grows to
     2 s, and a last sleep must not carry the wait past the limit (the run then defers what
     it could not record or pay, as documented, instead of waiting on)."""
-    import time
-
     from crisp_pipeline.state.store import StateUnavailable, open_duckdb
 
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        connection = duckdb.connect({state_file!r})
-        print("holding", flush=True)
-        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with held_by_another_process(state_file):
         monkeypatch.setenv("CRISP_PIPELINE_DB_WAIT_SECONDS", "1")
         waits = []
         for _ in range(8):  # (the backoff is random)
@@ -146,9 +157,6 @@ def test_a_wait_for_a_file_another_process_holds_ends_at_the_limit(state_file, m
                 open_duckdb(state_file)
             waits.append(time.monotonic() - started)
         assert max(waits) < 1.5, waits
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_runs_earlier_writes_are_checkpointed_while_the_sync_waits_on_crisp(
@@ -240,20 +248,10 @@ def test_a_file_this_process_does_not_hold_is_not_checkpointed_nor_waited_for(st
     file: the sync's checkpoint neither opens nor waits for it."""
     from crisp_pipeline.state.store import StateStore
 
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import duckdb, time
-        connection = duckdb.connect({state_file!r})
-        print("holding", flush=True)
-        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        import time
+    with held_by_another_process(state_file):
         started = time.monotonic()
         StateStore(connect_file(state_file), "s").checkpoint()
         assert time.monotonic() - started < 0.5
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def _sync_of_30(emulator, tmp_path, monkeypatch, name: str) -> Pipeline:

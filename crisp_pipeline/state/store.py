@@ -175,7 +175,8 @@ def _checkpoint_if_held(path: str) -> None:
         try:
             hold.connection.execute("checkpoint")
         except duckdb.Error:
-            hold.release()
+            with contextlib.suppress(duckdb.Error):  # (the error to raise is the first)
+                hold.release()
             raise
 
 
@@ -565,8 +566,8 @@ class StateStore:
         the caller knows it) is deleted and `accepted` (the rows that changed) inserted;
         without it `accepted` is the whole segment and replaces the table. (A stored row is
         found by its pair of hashes: `changes.normalize._known_rows` uses them only when no
-        two stored rows that a source row names share a raw hash.) `key` is the normalisation key
-        the fingerprints were taken under. Each stored row carries `row_hash`, the hash of its
+        two stored rows that a source row names share a raw hash.) `key` is the
+        normalisation key the fingerprints were taken under. Each stored row carries `row_hash`, the hash of its
         identifier, email and fields, hashed as the snapshot hashes its rows. Returns the rows
         written and deleted."""
         fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash", "id_hash")]
