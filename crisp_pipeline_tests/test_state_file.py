@@ -173,7 +173,7 @@ def test_the_runs_earlier_writes_are_checkpointed_while_the_sync_waits_on_crisp(
                               attributes=["plan", "note"])
     path = str(tmp_path / "c.duckdb")
     pipeline = Pipeline(emulator, path, config)
-    people = [{"email": f"p{i}@x.io", "plan": "pro", "note": "n" * 50} for i in range(3000)]
+    people = [{"email": f"p{i}@x.io", "plan": "pro", "note": "n" * 50} for i in range(300)]
     pipeline.load(people)
     pipeline.run()
     pipeline.load([{**p, "note": "changed " * 8} if i % 10 == 0 else p
