@@ -7,7 +7,7 @@ simply still in the next change set. Re-sending it is safe: a create whose answe
 found by email (adoption, or `people_exists` on the create), never created twice; data merges
 and profile patches are idempotent; a delete of someone already gone counts as done.
 
-`CRISP_CRASH_TRIALS` (default 8 with the state in DuckDB, a quarter of it in Postgres: the same
+`CRISP_CRASH_TRIALS` (default 6 with the state in DuckDB, a quarter of it in Postgres: the same
 code path but for the store's SQL, and CI stays under 15 minutes) and `CRISP_CRASH_PEOPLE`
 (default 1,500) make it larger.
 """
@@ -30,7 +30,7 @@ from .harness import Pipeline, crisp_env
 
 pytestmark = pytest.mark.usefixtures("state_backend")
 
-TRIALS = int(os.environ.get("CRISP_CRASH_TRIALS", "8"))
+TRIALS = int(os.environ.get("CRISP_CRASH_TRIALS", "6"))
 PEOPLE = int(os.environ.get("CRISP_CRASH_PEOPLE", "1500"))
 
 
