@@ -254,8 +254,8 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
                   _blank_to_null(pl.col(config.identifier_column).cast(pl.String).str.strip_chars()))
     frame = raw.with_columns(
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW), email.alias(_EMAIL),
-        raw_hashes(raw, config)).with_columns(identifier.alias(_IDENTIFIER))
-    frame = frame.with_columns(identifier_hash(_IDENTIFIER).alias(_ID_HASH))
+        raw_hashes(raw, config)).with_columns(identifier.alias(_IDENTIFIER)).with_columns(
+        identifier_hash(_IDENTIFIER).alias(_ID_HASH))
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
              pl.col(_EMAIL).alias(EMAIL))
 

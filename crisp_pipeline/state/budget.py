@@ -106,12 +106,10 @@ class StoredBudget:
                 asked = (requests - self._reserved if self._closed
                          else max(self.block, requests - self._reserved))
                 try:
-                    granted = _add(self._connect, self.token, asked, self.quota, self._day)
+                    self._reserve(asked)
                 except StateUnavailable as error:
                     self.unavailable = str(error)
                     return False
-                self._reserved += granted
-                self._short = granted < asked
             if self._reserved < requests:
                 self.last_remaining = self._reserved
                 return False
@@ -179,15 +177,19 @@ class StoredBudget:
                 self._refilled.wait()
             if self._closed or self._day_changed() or self._reserved >= self.block:
                 return True
-            asked = self.block - self._reserved
             try:
-                granted = _add(self._connect, self.token, asked, self.quota, self._day)
+                self._reserve(self.block - self._reserved)
             except Exception as error:  # noqa: BLE001 - see above
                 log.debug("reserving the first block failed: %s", error)
                 return False
-            self._reserved += granted
-            self._short = granted < asked
             return True
+
+    def _reserve(self, asked: int) -> None:
+        """(Holding the lock.) Ask the store for `asked` more of `_day`'s budget and keep
+        what it grants."""
+        granted = _add(self._connect, self.token, asked, self.quota, self._day)
+        self._reserved += granted
+        self._short = granted < asked
 
     def _day_changed(self) -> bool:
         return _today() != self._day
