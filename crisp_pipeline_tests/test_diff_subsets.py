@@ -69,7 +69,7 @@ def write_in_two_generations(store: StateStore, earlier: dict, segment: dict) ->
         leaving=hashes(first.filter(~is_kept)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(segments, snapshots, st.sampled_from(["upsert", "mirror", "update_only"]),
        st.integers(0, 10**6), st.none() | segments)
 def test_the_subset_diff_equals_the_full_diff(tmp_path_factory, segment, snapshot, mode, n,

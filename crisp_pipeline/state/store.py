@@ -12,7 +12,9 @@ Tables of schema `crisp_<activation>`:
   delete) per run, with Crisp's reason and message on failure; people of one `batch/data`
   request share its `unit` number;
 - `deletions`: who was deleted, when, by which run, with their last known values;
-- `runs`: one row per sync run with its counts and request figures.
+- `runs`: one row per sync run with its counts and request figures;
+- `compare_pending`, `compare_scope`: the identifiers whose segment and snapshot rows may
+  differ, and the website and time of the last full comparison (see "what may differ").
 
 Only confirmed writes enter the snapshot, in one transaction per batch of outcomes, so a crash
 mid-sync leaves the snapshot claiming nothing Crisp does not hold; the unconfirmed work is
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -85,6 +89,20 @@ ABSENCE_SCHEMA = {"website_id": pl.String, "identifier": pl.String,
 
 
 ROW_HASH_SEED = 17
+# How long the diff trusts its bookkeeping of what may differ (`compare_pending`) before it
+# compares every row again; see "what may differ" below.
+FULL_COMPARE_EVERY_HOURS = 24
+# More identifiers pending than this share of the segment: comparing everything costs less.
+PENDING_SHARE = 0.3
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PendingScope:
+    """The bookkeeping of what may differ, for this website (see "what may differ")."""
+
+    usable: bool  # the pending identifiers may stand for every difference now
 
 
 class StateUnavailable(RuntimeError):
@@ -572,8 +590,8 @@ class StateStore:
         written and deleted."""
         fields = [c for c in accepted.columns if c not in ("row_number", "raw_hash", "id_hash")]
         row_hashes = accepted.select(fields).hash_rows(seed=ROW_HASH_SEED).alias("row_hash")
-        table = self.table("segment")
         with self._transaction() as connection:
+            table = self.table("segment")  # (the catalog is known once a session is open)
             if self._dialect == "postgres":
                 from .postgres import check_name_lengths
                 check_name_lengths(fields, "field")
@@ -586,28 +604,34 @@ class StateStore:
                 deleted = (connection.execute(f"select count(*) from {table}").fetchone()[0]
                            if self._exists(connection, "segment") else 0)
                 self._replace(connection, "segment", hashed)
+                self._compare_everything_next(connection)  # (every row may have changed)
                 written = {"written": hashed.height, "deleted": int(deleted)}
             else:
-                deleted = 0
+                gone = pl.Series("identifier", [], pl.String)
+                going = None
                 if leaving is None:  # `kept` is a subset of the stored rows
                     connection.register("kept", kept.to_arrow())
-                    deleted = connection.execute(
-                        f"delete from {table} s where not exists (select 1 from kept k where "
-                        "k.id_hash = s.id_hash and k.raw_hash = s.raw_hash)").fetchone()[0]
-                    connection.unregister("kept")
+                    going = (f"from {table} s where not exists (select 1 from kept k where "
+                             "k.id_hash = s.id_hash and k.raw_hash = s.raw_hash)")
                 elif len(leaving):
                     connection.register("leaving", leaving.to_arrow())
-                    deleted = connection.execute(
-                        f"delete from {table} s where exists (select 1 from leaving l where "
-                        "l.id_hash = s.id_hash and l.raw_hash = s.raw_hash)").fetchone()[0]
-                    connection.unregister("leaving")
+                    going = (f"from {table} s where exists (select 1 from leaving l where "
+                             "l.id_hash = s.id_hash and l.raw_hash = s.raw_hash)")
+                if going is not None:
+                    # (read first: DuckDB's `delete ... returning` is 60 times slower here)
+                    gone = connection.execute(f"select identifier {going}").pl().get_column(
+                        "identifier")
+                    connection.execute(f"delete {going}")
+                    connection.unregister("kept" if leaving is None else "leaving")
                 if not hashed.is_empty():
                     connection.register("arriving", hashed.to_arrow())
                     listed = ", ".join(quote(c) for c in hashed.columns)
                     connection.execute(f"insert into {table} ({listed}) select {listed} "
                                        "from arriving")
                     connection.unregister("arriving")
-                written = {"written": hashed.height, "deleted": int(deleted)}
+                self._pend(connection, pl.concat([gone.cast(pl.String),
+                                                  hashed.get_column("identifier")]))
+                written = {"written": hashed.height, "deleted": gone.len()}
             key_table = self.table("segment_key")
             self._create_once(connection, "segment_key", "key varchar")
             connection.execute(f"delete from {key_table}")
@@ -701,6 +725,7 @@ class StateStore:
             "qualify row_number() over (partition by people_id order by identifier) = 1",
             [self._website()])
         self._ddl(connection, "snapshot_before_websites", f"drop table {old}")
+        self._compare_everything_next(connection)
 
     def _snapshot_rows(self, connection: StateConnection, fields: list[str],
                        where: str = "true", params: list | None = None,
@@ -713,6 +738,16 @@ class StateStore:
             f"select {columns} from {self.table('snapshot')} where website_id = ? and "
             f"({where}) {order}", [self._website(), *(params or [])]).pl()
         return frame.cast({**SNAPSHOT_KEYS, **{field: pl.String for field in fields}})
+
+    def _few_snapshot_rows(self, where: str) -> tuple[str, list]:
+        """(clause, parameters) selecting this website's snapshot rows matching `where`, for
+        a read of a few rows scattered over the table: on DuckDB they are found by row id
+        first, and their other columns are then decompressed for those rows alone (1M
+        people, 10,000 rows: 0.08 s instead of 0.18 s)."""
+        if self._dialect != "duckdb":
+            return where, []
+        return (f"rowid in (select rowid from {self.table('snapshot')} where website_id = ? "
+                f"and ({where}))", [self._website()])
 
     def read_snapshot(self, fields: list[str]) -> pl.DataFrame:
         """Managed people of this website with the JSON text of every field in `fields`
@@ -779,6 +814,7 @@ class StateStore:
                            "identifier in (select identifier from forgotten)",
                            [self._website()])
         connection.unregister("forgotten")
+        self._pend(connection, pl.Series("identifier", identifiers, pl.String))
 
     def rekey(self, moves: pl.DataFrame) -> int:
         """Give managed people new identifiers (`old_identifier` -> `new_identifier`, and the
@@ -799,6 +835,9 @@ class StateStore:
                 "email = coalesce(m.email, s.email) from moves as m where s.website_id = ? "
                 "and s.identifier = m.old_identifier", [self._website()])
             connection.unregister("moves")
+            # (the new identifiers are hashed again, `refresh_row_hashes`; the old ones
+            # name no managed person any more)
+            self._pend(connection, moves.get_column("old_identifier").cast(pl.String))
         return moves.height
 
     def mark_unconfirmed(self, fields: list[str]) -> None:
@@ -811,6 +850,7 @@ class StateStore:
             sets = ", ".join([f"{quote(field)} = '{UNCONFIRMED}'" for field in fields]
                              + ["row_hash = null"])
             connection.execute(f"update {self.table('snapshot')} set {sets}")
+            self._compare_everything_next(connection)
 
     def holders_elsewhere(self, people_ids: list[str]) -> set[str]:
         """The people among `people_ids` that another activation's snapshot holds on this
@@ -1115,6 +1155,7 @@ class StateStore:
         row = connection.execute(f"select version from {table}").fetchone()
         if row is None or row[0] != version:
             connection.execute(f"update {self.table('snapshot')} set row_hash = null")
+            self._compare_everything_next(connection)
             connection.execute(f"delete from {table}")
             connection.execute(f"insert into {table} values (?)", [version])
 
@@ -1124,9 +1165,10 @@ class StateStore:
             self._ensure_snapshot(connection, fields)
             self._hash_version(connection, fields)
             columns = ", ".join(quote(c) for c in ["identifier", "email", *fields])
+            few, params = self._few_snapshot_rows("row_hash is null")
             rows = connection.execute(
                 f"select {columns} from {self.table('snapshot')} where website_id = ? and "
-                "row_hash is null", [self._website()]).pl()
+                f"{few}", [self._website(), *params]).pl()
             if rows.is_empty():
                 return 0
             hashed = rows.select("identifier", rows.cast(pl.String).hash_rows(seed=ROW_HASH_SEED)
@@ -1136,27 +1178,46 @@ class StateStore:
                                "from hashed h where k.website_id = ? and "
                                "k.identifier = h.identifier", [self._website()])
             connection.unregister("hashed")
+            # every write to a snapshot row forgets its hash: these are the rows written
+            # since the last diff
+            self._pend(connection, hashed.get_column("identifier"))
         return rows.height
 
-    def differing_rows(self, fields: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def differing_rows(self, fields: list[str], *, compare_everything: bool = False
+                       ) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(segment rows, snapshot rows) of the identifiers whose row hashes differ (or that
-        only one side holds): everything the diff needs beyond the rows that are equal."""
-        with self._session() as connection:
+        only one side holds): everything the diff needs beyond the rows that are equal. Only
+        the identifiers pending are compared, unless `compare_everything` or the bookkeeping
+        is not to be trusted (see "what may differ"); those that differ stay pending."""
+        with self._transaction() as connection:
             self._ensure_snapshot(connection, fields)
             if not self._exists(connection, "segment"):
                 return pl.DataFrame(), self._snapshot_rows(connection, fields)
+            scope = None if compare_everything else self._pending_scope(connection)
+            wanted = ""
+            if scope is not None and scope.usable:
+                # (each side filtered by the pending identifiers first: a 1M-row table is
+                # then scanned, never built into a hash table; 0.05 s instead of 0.15 s)
+                wanted = (f"identifier in (select distinct identifier from "
+                          f"{self.table('compare_pending')})")
+            segment = f"(select identifier, row_hash from {self.table('segment')} " + (
+                f"where {wanted})" if wanted else ")")
+            snapshot = (f"(select identifier, row_hash from {self.table('snapshot')} where "
+                        f"website_id = ?{f' and {wanted}' if wanted else ''})")
             self._temp_table(
                 connection, "differing", "select coalesce(s.identifier, k.identifier) as "
-                f"identifier from {self.table('segment')} s full outer join (select "
-                f"identifier, row_hash from {self.table('snapshot')} where website_id = ?) k "
-                "on s.identifier = k.identifier where s.row_hash is distinct from k.row_hash",
-                [self._website()])
-            segment = self._differing_segment_rows(connection)
-            snapshot = self._snapshot_rows(connection, fields,
-                                           "identifier in (select identifier from differing)",
-                                           extra=("row_hash",))
+                f"identifier from {segment} s full outer join {snapshot} k on s.identifier = "
+                "k.identifier where s.row_hash is distinct from k.row_hash", [self._website()])
+            if scope is not None and not wanted:
+                self._warn_of_unpended(connection)
+            segment_rows = self._differing_segment_rows(connection)
+            snapshot_rows = self._snapshot_rows(
+                connection, fields,
+                *self._few_snapshot_rows("identifier in (select identifier from differing)"),
+                extra=("row_hash",))
+            self._keep_pending(connection, compared_everything=not wanted)
             connection.execute("drop table differing")
-        return segment, snapshot
+        return segment_rows, snapshot_rows
 
     def _segment_generation(self, connection: StateConnection) -> int | None:
         """The generation of the latest segment write (None: no segment, or one written by
@@ -1205,6 +1266,82 @@ class StateStore:
             connection.unregister("wanted")
         return found.get_column("email").cast(pl.String)
 
+    # ---------------------------------------------------------------- what may differ
+    # The diff and `has_arrivals` compare only the identifiers in `compare_pending`, which
+    # holds, for the website of `compare_scope`, every identifier whose segment and snapshot
+    # rows may differ: an identifier not pending has both rows with equal row hashes, or
+    # neither. Every write that may break this pends what it touched, in its own transaction:
+    # the segment rows written and deleted (`write_segment`), the snapshot rows hashed again
+    # (`refresh_row_hashes`: a write to a snapshot row forgets its hash, so these are every
+    # row written since the last diff), deleted (`_forget`) or re-keyed away (`rekey`). The
+    # diff keeps pending exactly the identifiers that differ (the work a run may not finish).
+    # Everything is compared instead (and the scope set again) when there is no scope yet
+    # (a state from an earlier version), when the segment was replaced in full, the fields
+    # or the row hashes changed, the website changed, too many identifiers are pending, or
+    # the last full comparison is older than FULL_COMPARE_EVERY_HOURS: a table edited by
+    # hand is noticed within a day, and a full comparison warns of any difference the
+    # bookkeeping did not hold (a bug, or such an edit).
+
+    def _pending_scope(self, connection: StateConnection) -> PendingScope | None:
+        """None when the bookkeeping of this website cannot be trusted at all (nothing to
+        compare a full comparison with); otherwise whether it can be used now."""
+        if not (self._exists(connection, "compare_scope")
+                and self._exists(connection, "compare_pending")):
+            return None
+        row = connection.execute(f"select full_at from {self.table('compare_scope')} where "
+                                 "website_id = ?", [self._website()]).fetchone()
+        if row is None:
+            return None
+        pending = connection.execute(
+            f"select count(*) from {self.table('compare_pending')}").fetchone()[0]
+        segment = (connection.execute(f"select count(*) from {self.table('segment')}")
+                   .fetchone()[0] if self._exists(connection, "segment") else 0)
+        fresh = row[0] is not None and now() - row[0] < timedelta(
+            hours=FULL_COMPARE_EVERY_HOURS)
+        return PendingScope(usable=fresh and pending <= PENDING_SHARE * segment)
+
+    def _pend(self, connection: StateConnection, identifiers: pl.Series) -> None:
+        """Note identifiers whose rows may now differ (nothing to note before the first
+        diff has set the bookkeeping up)."""
+        if identifiers.is_empty() or not self._exists(connection, "compare_pending"):
+            return
+        connection.register("pended", identifiers.drop_nulls().unique()
+                            .to_frame("identifier").to_arrow())
+        connection.execute(f"insert into {self.table('compare_pending')} (identifier) "
+                           "select identifier from pended")
+        connection.unregister("pended")
+
+    def _compare_everything_next(self, connection: StateConnection) -> None:
+        """Every row may have changed (a segment replaced, fields added or hashed anew):
+        the next diff compares everything."""
+        if self._exists(connection, "compare_scope"):
+            connection.execute(f"delete from {self.table('compare_scope')}")
+
+    def _keep_pending(self, connection: StateConnection, compared_everything: bool) -> None:
+        """After a diff: what differs stays pending, nothing else; a full comparison dates
+        the scope."""
+        self._create_once(connection, "compare_pending", "identifier varchar")
+        self._create_once(connection, "compare_scope", "website_id varchar, full_at timestamptz")
+        pending = self.table("compare_pending")
+        connection.execute(f"delete from {pending}")
+        connection.execute(f"insert into {pending} (identifier) select distinct identifier "
+                           "from differing")
+        if compared_everything:
+            connection.execute(f"delete from {self.table('compare_scope')}")
+            connection.execute(f"insert into {self.table('compare_scope')} values (?, ?)",
+                               [self._website(), now()])
+
+    def _warn_of_unpended(self, connection: StateConnection) -> None:
+        """A full comparison over a scope still kept: any difference not pending is one the
+        bookkeeping missed (a table edited by hand, or a bug): said, never silent."""
+        missed = connection.execute(
+            f"select count(*) from differing where identifier not in (select identifier from "
+            f"{self.table('compare_pending')})").fetchone()[0]
+        if missed:
+            log.warning("%s: a full comparison found %d people whose segment and snapshot "
+                        "rows differ without being noted as such (a state table edited by "
+                        "hand?); they are in this change set", self.schema, missed)
+
     # ---------------------------------------------------------------- segment against snapshot
     # (in SQL, inside the state file: a step that needs only the few rows that differ never
     # loads the whole segment or the whole snapshot into Python)
@@ -1227,6 +1364,17 @@ class StateStore:
             self._ensure_snapshot(connection, [])
             if not self._exists(connection, "segment"):
                 return False
+            scope = self._pending_scope(connection)
+            if scope is not None and scope.usable:
+                # an arrival differs from the snapshot, so it is pending: only those are
+                # looked up (0.05 s instead of 0.09 s at 1M)
+                pending = f"(select distinct identifier from {self.table('compare_pending')})"
+                return bool(connection.execute(
+                    f"with s as (select identifier from {self.table('segment')} where "
+                    f"identifier in {pending}), k as (select identifier from "
+                    f"{self.table('snapshot')} where website_id = ? and identifier in "
+                    f"{pending}) select exists (select 1 from s where identifier not in "
+                    "(select identifier from k))", [self._website()]).fetchone()[0])
             return bool(connection.execute(
                 f"select exists (select 1 from {self.table('segment')} s "
                 f"{self._unmanaged()})", [self._website()]).fetchone()[0])

@@ -36,13 +36,17 @@ def outcome_frames(batch: Batch, run_id: str, fields: list[str], website_id: str
 
     kept = [p for p in batch.people if p.op in ("create", "update") and p.people_id
             and p.identifier not in gone and p.confirmed]
+    # a field no one confirmed is left out rather than sent as nulls, which the store would
+    # read as "keeps what was known" anyway (most batches confirm one or two fields of 20)
+    written = {name for p in kept for name in p.confirmed}
+    confirmed_fields = [f for f in fields if f in written]
     confirmed = pl.DataFrame(
         {"identifier": [p.identifier for p in kept], "people_id": [p.people_id for p in kept],
          "email": [email_of(p) for p in kept], "confirmed_at": [at] * len(kept),
          "origin": [p.origin for p in kept],
          "verified_at": [at if p.verified else None for p in kept],
-         **{f: [p.confirmed.get(f) for p in kept] for f in fields}},
-        schema={**SNAPSHOT_KEYS, **{f: pl.String for f in fields}})
+         **{f: [p.confirmed.get(f) for p in kept] for f in confirmed_fields}},
+        schema={**SNAPSHOT_KEYS, **{f: pl.String for f in confirmed_fields}})
     deletions = pl.DataFrame(
         [{"run_id": run_id, "website_id": website_id, "identifier": p.identifier,
           "people_id": p.people_id, "email": p.email,

@@ -22,7 +22,7 @@ from crisp_pipeline.names import WORK_OPS
 from crisp_pipeline.state.store import Connect, StateStore, StateUnavailable, now
 
 from .client import ClientOptions, open_client
-from .engine import Batch, SyncEngine, SyncSummary
+from .engine import ROW_COLUMNS, Batch, SyncEngine, SyncSummary
 from .recording import outcome_frames
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                                         is_managed=is_managed,
                                         delete_gate=delete_gate,
                                         deadline=options.deadline)
-                    return await engine.apply(work.to_dicts(), record)
+                    return await engine.apply(work.select(ROW_COLUMNS).to_dicts(), record)
                 finally:
                     report.stats = client.stats
                     if checkpointing is not None:
