@@ -7,6 +7,8 @@ compares their values in Python: it shares no code with the bookkeeping."""
 from __future__ import annotations
 
 import itertools
+import logging
+import threading
 from datetime import timedelta
 from unittest import mock
 
@@ -41,6 +43,7 @@ operations = st.lists(st.one_of(
     st.tuples(st.just("rekey"), st.integers(0, 7), st.integers(0, 7)),  # to an unmanaged id
     st.tuples(st.just("unconfirm")),
     st.tuples(st.just("website"), st.sampled_from(["w", "w2"])),
+    st.tuples(st.just("later")),  # a day later: the next diff compares everything
     st.tuples(st.just("diff")), st.tuples(st.just("diff")),
 ), min_size=1, max_size=14)
 
@@ -99,12 +102,39 @@ def check(store: StateStore) -> None:
     assert found == differing
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.ahead = timedelta()
+
+    def __call__(self):
+        return now() + self.ahead
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def play(connect, first: list[tuple], ops: list[tuple]) -> None:
-    with mock.patch.object(store_module, "PENDING_SHARE", 100.0):  # (tiny segments: never
-        _play(connect, first, ops)                                  # compare everything)
+    """With a share that never gives up on tiny segments (the incremental path is what is
+    tested), and no warning of a difference the bookkeeping missed (there is none to find:
+    nothing is edited by hand)."""
+    clock, warnings = _Clock(), _Warnings()
+    store_module.log.addHandler(warnings)
+    try:
+        with mock.patch.object(store_module, "PENDING_SHARE", 100.0), \
+                mock.patch.object(store_module, "now", clock):
+            _play(connect, first, ops, clock)
+    finally:
+        store_module.log.removeHandler(warnings)
+    assert not [m for m in warnings.messages if "without being noted" in m], warnings.messages
 
 
-def _play(connect, first: list[tuple], ops: list[tuple]) -> None:
+def _play(connect, first: list[tuple], ops: list[tuple], clock: _Clock) -> None:
     """From a settled state (the segment synced, compared in full), `ops` in turn."""
     stores = {w: StateStore(connect, "crisp_d", w) for w in ("w", "w2")}
     store = stores["w"]
@@ -139,6 +169,8 @@ def _play(connect, first: list[tuple], ops: list[tuple]) -> None:
             store.mark_unconfirmed(["data.plan"])
         elif kind == "website":
             store = stores[op[1]]
+        elif kind == "later":
+            clock.ahead += timedelta(hours=store_module.FULL_COMPARE_EVERY_HOURS, minutes=1)
         elif kind == "diff":
             check(store)
     check(store)  # (and once more: the second diff of a state is an incremental one)
@@ -207,3 +239,31 @@ def test_too_many_pending_identifiers_compare_everything(tmp_path):
     stage(store, [(i, "a", "d" if i in IDS[:3] else "b") for i in IDS], replace=False, run=3)
     check(store)  # 3 of 8 (and IDS[2], still differing): past 30%
     assert full_at() != first
+
+
+def test_a_write_committed_during_a_diff_on_postgres_stays_pending(postgres_server):
+    """Two writers on one activation (a run whose lock was taken over): a segment write that
+    commits while a diff runs is noted once the diff has kept what it found, not lost with
+    what the diff clears."""
+    with postgres_server.database() as url:
+        connect = connect_postgres(url)
+        diffing, other = (StateStore(connect, "crisp_d", "w") for _ in range(2))
+        rows = [(i, "a", "b") for i in IDS]
+        stage(diffing, rows, True, 1)
+        sync(diffing, None, False)
+        check(diffing)
+        stage(diffing, [(IDS[0], "a", "c"), *rows[1:]], False, 2)
+        keep_pending = StateStore._keep_pending
+        writer = threading.Thread(target=stage, args=(
+            other, [(IDS[0], "a", "c"), (IDS[1], "a", "changed"), *rows[2:]], False, 3))
+
+        def keep_while_another_writes(self, connection, compared_everything):
+            if self is diffing and not writer.is_alive() and writer.ident is None:
+                writer.start()
+                writer.join(timeout=3)  # (done by now unless it waits for this diff)
+            return keep_pending(self, connection, compared_everything)
+        with mock.patch.object(StateStore, "_keep_pending", keep_while_another_writes):
+            diffing.refresh_row_hashes(FIELDS)
+            diffing.differing_rows(FIELDS)
+        writer.join()
+        check(diffing)

@@ -320,3 +320,39 @@ def test_a_sync_whose_budget_cannot_reach_the_file_does_not_wait_for_it_again(
     monkeypatch.setattr(StateStore, "checkpoint", lambda self: checkpoints.append(1))
     result = pipeline.run()
     assert result.success and len(pipeline.crisp()) == 30 and checkpoints == []
+
+
+def test_a_file_another_process_is_still_creating_is_waited_for(tmp_path):
+    """Several processes starting on a fresh state file: one creates it, and another may
+    open it before DuckDB has written its header. That is waited for, not taken for a file
+    that is not DuckDB's."""
+    import threading
+
+    from crisp_pipeline.state.store import open_duckdb
+
+    path = tmp_path / "state.duckdb"
+    path.write_bytes(b"")  # created, header not yet written
+
+    def create() -> None:
+        time.sleep(0.3)
+        path.unlink()
+        duckdb.connect(str(path)).close()
+    creator = threading.Thread(target=create)
+    creator.start()
+    try:
+        open_duckdb(str(path)).close()
+    finally:
+        creator.join()
+
+
+def test_a_file_that_is_not_duckdbs_fails_at_once_naming_it(tmp_path):
+    from crisp_pipeline.state.store import StateUnavailable, open_duckdb
+
+    path = tmp_path / "notes.duckdb"
+    path.write_text("not a database " * 1000)
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    started = time.monotonic()
+    with pytest.raises(StateUnavailable, match="notes.duckdb"):
+        open_duckdb(str(path))
+    assert time.monotonic() - started < 1

@@ -103,6 +103,7 @@ class PendingScope:
     """The bookkeeping of what may differ, for this website (see "what may differ")."""
 
     usable: bool  # the pending identifiers may stand for every difference now
+    stale: bool  # the last full comparison is older than FULL_COMPARE_EVERY_HOURS
 
 
 class StateUnavailable(RuntimeError):
@@ -132,18 +133,39 @@ def _waited_enough(retry_state) -> bool:
     return retry_state.seconds_since_start + retry_state.upcoming_sleep > lock_wait_seconds()
 
 
-@retry(retry=retry_if_exception(_is_lock_conflict), wait=wait_random_exponential(0.05, max=2),
-       stop=_waited_enough, reraise=True)
+# A file modified this recently that DuckDB finds invalid may be one another process is
+# creating (several processes starting on a fresh state file): waited for as a lock is.
+BEING_CREATED_SECONDS = 5.0
+
+
+class _FileBeingCreated(Exception):
+    """DuckDB found no valid header in a file modified in the last BEING_CREATED_SECONDS."""
+
+
+def _is_worth_waiting_for(error: BaseException) -> bool:
+    return _is_lock_conflict(error) or isinstance(error, _FileBeingCreated)
+
+
+@retry(retry=retry_if_exception(_is_worth_waiting_for),
+       wait=wait_random_exponential(0.05, max=2), stop=_waited_enough, reraise=True)
 def _connect_waiting_for_lock(path: str, config: dict) -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(path, config=config)
+    try:
+        return duckdb.connect(path, config=config)
+    except duckdb.IOException as error:
+        with contextlib.suppress(OSError):
+            if ("not a valid duckdb database file" in str(error).lower()
+                    and time.time() - os.stat(path).st_mtime < BEING_CREATED_SECONDS):
+                raise _FileBeingCreated(str(error)) from error
+        raise
 
 
 def open_duckdb(path: str, config: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """Open the file read-write. Another process holding it (DuckDB allows one writer) is
-    waited for, up to `lock_wait_seconds`; anything else fails at once, naming the file."""
+    """Open the file read-write. Another process holding it (DuckDB allows one writer) or
+    still creating it is waited for, up to `lock_wait_seconds`; anything else fails at once,
+    naming the file."""
     try:
         return _connect_waiting_for_lock(path, dict(config or {}))
-    except duckdb.Error as error:
+    except (duckdb.Error, _FileBeingCreated) as error:
         raise StateUnavailable(
             f"the DuckDB file {path!r} (CRISP_PIPELINE_DB) cannot be opened: {error}") from None
 
@@ -1183,17 +1205,21 @@ class StateStore:
             self._pend(connection, hashed.get_column("identifier"))
         return rows.height
 
-    def differing_rows(self, fields: list[str], *, compare_everything: bool = False
-                       ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def differing_rows(self, fields: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(segment rows, snapshot rows) of the identifiers whose row hashes differ (or that
         only one side holds): everything the diff needs beyond the rows that are equal. Only
-        the identifiers pending are compared, unless `compare_everything` or the bookkeeping
-        is not to be trusted (see "what may differ"); those that differ stay pending."""
+        the identifiers pending are compared, unless the bookkeeping is not to be trusted
+        now (see "what may differ"); those that differ stay pending."""
         with self._transaction() as connection:
             self._ensure_snapshot(connection, fields)
             if not self._exists(connection, "segment"):
                 return pl.DataFrame(), self._snapshot_rows(connection, fields)
-            scope = None if compare_everything else self._pending_scope(connection)
+            if self._dialect == "postgres" and self._exists(connection, "compare_pending"):
+                # a write committing meanwhile (a run whose lock was taken over) notes its
+                # identifiers once this diff has kept what it found, never before
+                connection.execute(f"lock table {self.table('compare_pending')} in exclusive "
+                                   "mode")
+            scope = self._pending_scope(connection)
             wanted = ""
             if scope is not None and scope.usable:
                 # (each side filtered by the pending identifiers first: a 1M-row table is
@@ -1208,7 +1234,7 @@ class StateStore:
                 connection, "differing", "select coalesce(s.identifier, k.identifier) as "
                 f"identifier from {segment} s full outer join {snapshot} k on s.identifier = "
                 "k.identifier where s.row_hash is distinct from k.row_hash", [self._website()])
-            if scope is not None and not wanted:
+            if scope is not None and scope.stale:  # (the daily check: said, never silent)
                 self._warn_of_unpended(connection)
             segment_rows = self._differing_segment_rows(connection)
             snapshot_rows = self._snapshot_rows(
@@ -1278,9 +1304,11 @@ class StateStore:
     # Everything is compared instead (and the scope set again) when there is no scope yet
     # (a state from an earlier version), when the segment was replaced in full, the fields
     # or the row hashes changed, the website changed, too many identifiers are pending, or
-    # the last full comparison is older than FULL_COMPARE_EVERY_HOURS: a table edited by
-    # hand is noticed within a day, and a full comparison warns of any difference the
-    # bookkeeping did not hold (a bug, or such an edit).
+    # the last full comparison is older than FULL_COMPARE_EVERY_HOURS: a row added or
+    # deleted by hand is noticed within a day, and that daily comparison warns of any
+    # difference the bookkeeping did not hold (a bug, or such an edit). Every writer holds
+    # the activation's lock; on Postgres the diff also locks `compare_pending`, so that a
+    # write committing meanwhile (a lock taken over) is not cleared with what it compared.
 
     def _pending_scope(self, connection: StateConnection) -> PendingScope | None:
         """None when the bookkeeping of this website cannot be trusted at all (nothing to
@@ -1292,13 +1320,14 @@ class StateStore:
                                  "website_id = ?", [self._website()]).fetchone()
         if row is None:
             return None
-        pending = connection.execute(
-            f"select count(*) from {self.table('compare_pending')}").fetchone()[0]
+        pending = connection.execute(  # (an identifier may be noted twice)
+            f"select count(distinct identifier) from {self.table('compare_pending')}"
+        ).fetchone()[0]
         segment = (connection.execute(f"select count(*) from {self.table('segment')}")
                    .fetchone()[0] if self._exists(connection, "segment") else 0)
-        fresh = row[0] is not None and now() - row[0] < timedelta(
-            hours=FULL_COMPARE_EVERY_HOURS)
-        return PendingScope(usable=fresh and pending <= PENDING_SHARE * segment)
+        stale = row[0] is None or now() - row[0] >= timedelta(hours=FULL_COMPARE_EVERY_HOURS)
+        return PendingScope(usable=not stale and pending <= PENDING_SHARE * segment,
+                            stale=stale)
 
     def _pend(self, connection: StateConnection, identifiers: pl.Series) -> None:
         """Note identifiers whose rows may now differ (nothing to note before the first
@@ -1334,9 +1363,10 @@ class StateStore:
     def _warn_of_unpended(self, connection: StateConnection) -> None:
         """A full comparison over a scope still kept: any difference not pending is one the
         bookkeeping missed (a table edited by hand, or a bug): said, never silent."""
-        missed = connection.execute(
-            f"select count(*) from differing where identifier not in (select identifier from "
-            f"{self.table('compare_pending')})").fetchone()[0]
+        missed = connection.execute(  # (`not exists`: Postgres plans `not in` row by row)
+            f"select count(*) from differing d where not exists (select 1 from "
+            f"{self.table('compare_pending')} p where p.identifier = d.identifier)"
+        ).fetchone()[0]
         if missed:
             log.warning("%s: a full comparison found %d people whose segment and snapshot "
                         "rows differ without being noted as such (a state table edited by "
@@ -1373,8 +1403,9 @@ class StateStore:
                     f"with s as (select identifier from {self.table('segment')} where "
                     f"identifier in {pending}), k as (select identifier from "
                     f"{self.table('snapshot')} where website_id = ? and identifier in "
-                    f"{pending}) select exists (select 1 from s where identifier not in "
-                    "(select identifier from k))", [self._website()]).fetchone()[0])
+                    f"{pending}) select exists (select 1 from s where not exists (select 1 "
+                    "from k where k.identifier = s.identifier))", [self._website()]
+                ).fetchone()[0])
             return bool(connection.execute(
                 f"select exists (select 1 from {self.table('segment')} s "
                 f"{self._unmanaged()})", [self._website()]).fetchone()[0])
@@ -1408,12 +1439,13 @@ class StateStore:
         segment names, accepted or rejected."""
         with self._session() as connection:
             self._ensure_snapshot(connection, [])
-            named = [f"select identifier from {self.table(t)} where identifier is not null"
-                     for t in ("segment", "rejected") if self._exists(connection, t)]
-            source = " union all ".join(named) or "select null::varchar as identifier where false"
+            # (`not exists`: Postgres plans `not in` over a large list row by row)
+            unnamed = "".join(f" and not exists (select 1 from {self.table(t)} n where "
+                              "n.identifier = k.identifier)"
+                              for t in ("segment", "rejected") if self._exists(connection, t))
             return connection.execute(
                 f"select identifier, people_id, email from {self.table('snapshot')} k where "
-                f"website_id = ? and identifier not in ({source})", [self._website()]).pl()
+                f"website_id = ?{unnamed}", [self._website()]).pl()
 
     def holders(self, people_ids: list[str]) -> dict[str, str]:
         """people_id -> identifier, for those of `people_ids` managed on this website."""
