@@ -1361,8 +1361,8 @@ class StateStore:
                                [self._website(), now()])
 
     def _warn_of_unpended(self, connection: StateConnection) -> None:
-        """A full comparison over a scope still kept: any difference not pending is one the
-        bookkeeping missed (a table edited by hand, or a bug): said, never silent."""
+        """The daily full comparison: any difference not pending is one the bookkeeping
+        missed (a row added or deleted by hand, or a bug): said, never silent."""
         missed = connection.execute(  # (`not exists`: Postgres plans `not in` row by row)
             f"select count(*) from differing d where not exists (select 1 from "
             f"{self.table('compare_pending')} p where p.identifier = d.identifier)"
