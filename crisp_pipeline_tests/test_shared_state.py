@@ -103,3 +103,38 @@ def test_one_holder_at_a_time_across_processes(tmp_path):
     assert len(lines) == PROCESSES * 5 * 2
     for enter, leave in zip(lines[::2], lines[1::2]):
         assert enter.startswith("enter ") and leave == "leave " + enter.split()[1], lines
+
+
+def test_a_run_taking_its_own_lock_again_writes_only_when_its_heartbeat_ages(
+        tmp_path, monkeypatch):
+    """Every step takes the lock; a step of the run that holds it, in the process that holds
+    it, reads it alone while the heartbeat is recent (no write transaction per step), and
+    refreshes it once older than `REFRESH_AFTER`. A step in another process (a multi-process
+    executor) writes its own pid. Another run is still refused."""
+    from datetime import timedelta
+
+    from crisp_pipeline.state import locks
+
+    connect = connect_state(str(tmp_path / "state.duckdb"))
+
+    def holder() -> tuple:
+        with connect() as connection:
+            return connection.execute(
+                f"select pid, heartbeat_at from {locks._table(connection)} "
+                "where activation = 'a'").fetchone()
+
+    locks.acquire(connect, "a", "run-1", wait_seconds=0)
+    taken = holder()
+    locks.acquire(connect, "a", "run-1", wait_seconds=0)
+    assert holder() == taken  # read, not written
+    later = locks.now() + locks.REFRESH_AFTER + timedelta(seconds=1)
+    monkeypatch.setattr(locks, "now", lambda: later)
+    locks.acquire(connect, "a", "run-1", wait_seconds=0)
+    assert holder()[1] == later
+    with connect() as connection:  # (as a step of the run in another process left it)
+        connection.execute(f"update {locks._table(connection)} set pid = 1")
+    locks.acquire(connect, "a", "run-1", wait_seconds=0)
+    assert holder()[0] == os.getpid()
+    with pytest.raises(locks.ActivationLocked):
+        locks.acquire(connect, "a", "run-2", wait_seconds=0,
+                      run_active=lambda run_id: True)

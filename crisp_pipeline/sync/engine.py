@@ -22,6 +22,9 @@ person failed.
 
 Outcomes are handed over after every chunk of units (`on_batch`), which the caller commits in
 one transaction; a `StopRun` (credentials, website) commits what finished and ends the run.
+A `Recorder` also prepares a batch (turns it into frames, no state store) while the batch
+before it commits: the commits keep their order, and the work that needs no store is done
+while the store is busy.
 """
 
 from __future__ import annotations
@@ -142,6 +145,19 @@ class Batch:
     people: list[Person]
 
 
+class Recorder:
+    """Records batches in two parts: `prepare` (no state store: may run while the previous
+    batch commits) and the commit, `__call__(prepared)`, in order. A plain function is a
+    recorder whose preparation is the batch itself."""
+
+    def __init__(self, commit: Callable[[Any], None],
+                 prepare: Callable[[Batch], Any] = lambda batch: batch) -> None:
+        self.prepare, self.commit = prepare, commit
+
+    def __call__(self, prepared: Any) -> None:
+        self.commit(prepared)
+
+
 class SyncEngine:
     def __init__(self, client: CrispClient, fields: list[str], *,
                  order: tuple[str, ...] = PHASES, batch_size: int = contract.MAX_BATCH_PROFILES,
@@ -175,8 +191,11 @@ class SyncEngine:
 
     # ---------------------------------------------------------------- the run
 
-    async def apply(self, rows: list[dict[str, Any]], on_batch: Callable[[Batch], None],
+    async def apply(self, rows: list[dict[str, Any]],
+                    on_batch: Recorder | Callable[[Batch], None],
                     summary: SyncSummary | None = None) -> SyncSummary:
+        if not isinstance(on_batch, Recorder):
+            on_batch = Recorder(on_batch)
         if summary is not None:
             self._summary = summary
         self._started = time.monotonic()
@@ -242,20 +261,20 @@ class SyncEngine:
                 else "circuit_open" if s.circuit_open else "deadline" if s.past_deadline
                 else "state_unavailable")
 
-    async def _hand_over(self, batch: Batch, on_batch: Callable[[Batch], None]) -> None:
-        """Record a batch in a worker thread (the state store is blocking I/O). When the
-        store cannot be reached (another process holds the file past the wait), sending
-        stops and the batch is kept to be recorded before the run ends."""
+    async def _hand_over(self, prepared: Any, on_batch: Recorder) -> None:
+        """Commit a prepared batch in a worker thread (the state store is blocking I/O).
+        When the store cannot be reached (another process holds the file past the wait),
+        sending stops and the batch is kept to be recorded before the run ends."""
         if self._unrecorded:
-            self._unrecorded.append(batch)
+            self._unrecorded.append(prepared)
             return
         try:
-            await asyncio.to_thread(on_batch, batch)
+            await asyncio.to_thread(on_batch, prepared)
         except StateUnavailable as error:
             self._summary.state_unavailable = str(error)
-            self._unrecorded.append(batch)
+            self._unrecorded.append(prepared)
 
-    async def _record_the_unrecorded(self, on_batch: Callable[[Batch], None]) -> None:
+    async def _record_the_unrecorded(self, on_batch: Recorder) -> None:
         """What Crisp confirmed is recorded, however long the state store stays busy: a few
         more waits, then the error (the snapshot then claims nothing unconfirmed, and the
         next run finds the people by email instead of creating them twice)."""
@@ -269,62 +288,85 @@ class SyncEngine:
                 if failures >= self.record_attempts:
                     raise
 
-    async def _run(self, units: list[Unit], on_batch: Callable[[Batch], None]) -> None:
+    async def _run(self, units: list[Unit], on_batch: Recorder) -> None:
         """Keep `max_in_flight` units going continuously (a slot freed is a unit started, no
-        waiting for a chunk to drain) and record finished units `chunk` at a time in the
-        background, one recording at a time, while the next units are in flight. Units start
-        no faster than the client can send them, so that a stop, an empty budget or an open
-        circuit is seen by every unit not yet started."""
+        waiting for a chunk to drain) and record finished units in the background once they
+        hold `chunk` people (a batch of 500 people is recorded as it finishes, not held back
+        until 200 units have), while the next units are in flight: one recording commits
+        at a time, and the next one prepares meanwhile (`Recorder`). Units start no faster
+        than the client can send them, so that a stop, an empty budget or an open circuit is
+        seen by every unit not yet started."""
         slots = asyncio.Semaphore(self.client.max_in_flight)
         finished: list[tuple[Unit, list[StepOutcome]]] = []
+        finished_people = 0
         in_flight: set[asyncio.Task] = set()
         recording: asyncio.Task | None = None
 
         async def attempt(unit: Unit) -> None:
+            nonlocal finished_people
             try:
                 finished.append((unit, await self._attempt(unit)))
+                finished_people += len(unit.people)
             finally:
                 slots.release()
 
         def record_finished() -> asyncio.Task:
+            """A recording of what finished, committed after the one before it."""
+            nonlocal finished_people
             taken = finished[:]
             finished.clear()
-            return asyncio.create_task(self._record(taken, on_batch))
+            finished_people = 0
+            return asyncio.create_task(self._record(taken, on_batch, after=recording))
 
         try:
             for unit in units:
                 await slots.acquire()
                 behind = recording is not None and not recording.done()
-                if len(finished) >= self.chunk and (not behind
-                                                    or len(finished) >= 2 * self.chunk):
-                    # sending never runs more than two chunks ahead of recording: what Crisp
-                    # confirmed is committed soon, and a state store that cannot record
-                    # stops the run sending
+                if finished_people >= self.chunk and (not behind
+                                                      or len(finished) >= 2 * self.chunk):
+                    # sending never runs more than two chunks of units ahead of recording:
+                    # what Crisp confirmed is committed soon, and a state store that cannot
+                    # record stops the run sending
                     if recording is not None:
                         await recording  # surfaces its error, if any
                     recording = record_finished()
                 task = asyncio.create_task(attempt(unit))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
+            # the last units in flight: what finishes meanwhile is recorded meanwhile
+            while in_flight:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                if finished_people >= self.chunk and (recording is None or recording.done()):
+                    if recording is not None:
+                        await recording  # (done: surfaces its error, if any)
+                    recording = record_finished()
         finally:
             # whatever happened, every unit started is waited for and everything finished
-            # is recorded before this returns or raises
+            # is recorded before this returns or raises (the rest prepares while the
+            # recording before it commits)
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+            if finished:
+                recording = record_finished()
             if recording is not None:
                 await recording
-            if finished:
-                await record_finished()
         if self._summary.stopped is not None:
             raise self._summary.stopped
 
     async def _record(self, finished: list[tuple[Unit, list[StepOutcome]]],
-                      on_batch: Callable[[Batch], None]) -> None:
+                      on_batch: Recorder, after: asyncio.Task | None = None) -> None:
+        """Prepare the batch at once, commit it once the recording `after` has committed."""
         steps = [step for _, result in finished for step in result]
         # copies, taken on the event loop: units still in flight keep changing the people
         # while the batch is recorded in a worker thread
         touched = {id(p): p.as_recorded() for unit, _ in finished for p in unit.people}
-        await self._hand_over(Batch(steps, list(touched.values())), on_batch)
+        try:
+            prepared = await asyncio.to_thread(on_batch.prepare,
+                                               Batch(steps, list(touched.values())))
+        finally:  # (never left committing behind an error of this one)
+            if after is not None:
+                await after  # (its error, if any, is this one's too: nothing after it commits)
+        await self._hand_over(prepared, on_batch)
         self._done += sum(1 for unit, _ in finished if unit.step != "data")
         if self.progress and self._done != self._reported:  # (a data batch moves no one)
             self._reported = self._done

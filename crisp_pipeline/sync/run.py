@@ -22,8 +22,8 @@ from crisp_pipeline.names import WORK_OPS
 from crisp_pipeline.state.store import Connect, StateStore, StateUnavailable, now
 
 from .client import ClientOptions, open_client
-from .engine import ROW_COLUMNS, Batch, SyncEngine, SyncSummary
-from .recording import outcome_frames
+from .engine import ROW_COLUMNS, Batch, Recorder, SyncEngine, SyncSummary
+from .recording import Frames, outcome_frames
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,16 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
     if not dry_run and not work.is_empty():
         computed_at = work.get_column("computed_at")[0]
 
-        def record(batch: Batch) -> None:
-            store.record_batch(*outcome_frames(batch, run_id, fields, store.website_id or ""),
-                               fields=fields)
+        def frames(batch: Batch) -> Frames:
+            return outcome_frames(batch, run_id, fields, store.website_id or "")
+
+        def commit(prepared: Frames) -> None:
+            store.record_batch(*prepared, fields=fields)
             try:  # recorded: a missed heartbeat must not have the batch recorded twice
                 heartbeat()
             except StateUnavailable:
                 log.warning("could not refresh the activation lock's heartbeat; goes on")
+        record = Recorder(commit, prepare=frames)
 
         @contextlib.contextmanager
         def delete_gate(people_ids: list[str]) -> Iterator[set[str]]:
