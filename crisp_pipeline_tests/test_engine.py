@@ -212,3 +212,29 @@ def test_an_unexpected_error_in_one_unit_defers_it_and_loses_no_other_outcome():
     statuses = {s.identifier: (s.status, s.reason) for s in steps_of(batches)}
     assert statuses["b"] == ("deferred", "unexpected_error")
     assert {i: statuses[i][0] for i in "acde"} == dict.fromkeys("acde", "ok")
+
+
+def test_a_batch_that_cannot_be_prepared_never_costs_the_confirmed_ones_waiting_for_the_store():
+    """A recorder prepares a batch apart from committing it. The store is busy for the
+    first commit (the batch waits to be recorded), then a later batch cannot be prepared:
+    the run fails, and the waiting batch is still recorded before it does."""
+    from crisp_pipeline.sync.engine import Recorder
+
+    commits: list[Batch] = []
+
+    def prepare(batch: Batch) -> Batch:
+        if any(step.identifier == "p5" for step in batch.steps):
+            raise ValueError("cannot be turned into frames")
+        return batch
+
+    def commit(batch: Batch) -> None:
+        commits.append(batch)
+        if len(commits) == 1:
+            raise StateUnavailable("busy")
+
+    rows = [update(f"p{i}", **{"person.nickname": "N"}) for i in range(10)]
+    with pytest.raises(ValueError, match="frames"):
+        apply(lambda request: ok(), rows, on_batch=Recorder(commit, prepare=prepare),
+              chunk=2, max_in_flight=1)
+    recorded = [step.identifier for batch in commits[1:] for step in batch.steps]
+    assert commits and set(recorded) >= {step.identifier for step in commits[0].steps}

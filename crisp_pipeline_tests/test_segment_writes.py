@@ -142,8 +142,9 @@ def test_a_row_is_known_only_under_its_own_identifier_and_never_by_a_shared_hash
     """Rows are matched to stored ones on the raw hash, then the identifiers compared by
     their hashes; a raw hash two stored rows share (a 64-bit collision, forced here) makes
     the stored hashes unusable: everything is normalised again, which is always exact."""
-    keys = pl.DataFrame({normalize._IDENTIFIER: ["a", "b", "c", None], "raw_hash": [1, 2, 3, 1]},
-                        schema={normalize._IDENTIFIER: pl.String, "raw_hash": pl.UInt64}
+    keys = pl.DataFrame({normalize._IDENTIFIER: ["a", "b", "c", None],
+                         normalize._RAW_HASH: [1, 2, 3, 1]},
+                        schema={normalize._IDENTIFIER: pl.String, normalize._RAW_HASH: pl.UInt64}
                         ).with_columns(normalize.identifier_hash(normalize._IDENTIFIER)
                                        .alias(normalize._ID_HASH))
 
@@ -176,3 +177,22 @@ def test_a_stored_row_without_its_hashes_has_everything_normalised_again(tmp_pat
     result = stage_segment(store, BY_EMAIL, Source(frame(rows)), "r2")
     assert result.complete
     assert staged(store, BY_EMAIL) == from_scratch(frame(rows), BY_EMAIL)
+
+
+def test_a_source_column_named_like_a_bookkeeping_column_keeps_its_values(tmp_path):
+    """The row fingerprint is kept as `raw_hash`; a source column of that name is the
+    user's, and its values are what Crisp gets (they were the fingerprint's)."""
+    config = ActivationConfig(name="w", segment={"sql": "select 1"}, mode="upsert",
+                              fields={"person.nickname": "raw_hash"}, attributes=["plan"])
+    names = [f"N{i}" for i in range(10)]
+    raw = pl.DataFrame({"email": [f"p{i}@x.io" for i in range(10)], "raw_hash": names,
+                        "plan": ["free"] * 10})
+    normalized = normalize_segment(raw, config)
+    assert normalized.accepted.get_column("person.nickname").to_list() == [
+        f'"{name}"' for name in names]
+    store = StateStore(connect_file(str(tmp_path / "s.duckdb")), "crisp_w", "w")
+    stage_segment(store, config, Source(raw), "r1")
+    changed = raw.with_columns(pl.Series("raw_hash", ["Bo", *names[1:]]))
+    again = stage_segment(store, config, Source(changed), "r2")
+    assert again.accepted.get_column("person.nickname").to_list() == ['"Bo"']
+    assert staged(store, config) == from_scratch(changed, config)

@@ -46,6 +46,7 @@ RENORMALIZE_SHARE = 0.3
 # While normalising, bookkeeping columns carry names no source column can have.
 _ROW, _IDENTIFIER, _EMAIL = "__crisp_row", "__crisp_identifier", "__crisp_email"
 _ID_HASH, _STORED = "__crisp_id_hash", "__crisp_stored"
+_RAW_HASH = "__crisp_raw_hash"  # (`RAW_HASH` once out: a source column may be named that)
 # (any fixed seed: stored hashes are compared only under an equal `normalization_key`, which
 # names the Polars version and this code)
 IDENTIFIER_SEED = 0x1D
@@ -259,13 +260,13 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
     # instead of 0.32 s.)
     plan = raw.lazy().select(
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(_ROW), email.alias(_EMAIL),
-        pl.lit(raw_hashes(raw, config)).alias(RAW_HASH),
+        pl.lit(raw_hashes(raw, config)).alias(_RAW_HASH),
         *([] if config.keyed_by_email else [_blank_to_null(
             pl.col(config.identifier_column).cast(pl.String).str.strip_chars()
         ).alias(_IDENTIFIER)]))
     if config.keyed_by_email:  # (the email, computed once)
         plan = plan.with_columns(pl.col(_EMAIL).alias(_IDENTIFIER))
-    keys = plan.select(_ROW, _IDENTIFIER, _EMAIL, RAW_HASH,
+    keys = plan.select(_ROW, _IDENTIFIER, _EMAIL, _RAW_HASH,
                        identifier_hash(_IDENTIFIER).alias(_ID_HASH)).collect()
     frame = raw.drop([c for c in keys.columns if c in raw.columns]).hstack(keys)
     where = (pl.col(_ROW).alias(ROW), pl.col(_IDENTIFIER).alias(IDENTIFIER),
@@ -278,7 +279,7 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
         is_known = matched >= 0
         # (no emails: nothing asks an unchanged row's; at 10M a copy is ~0.3 GB)
         fresh = frame.filter(~is_known)
-        unchanged = keys.select(_ROW, _IDENTIFIER, RAW_HASH, _ID_HASH).with_columns(
+        unchanged = keys.select(_ROW, _IDENTIFIER, _RAW_HASH, _ID_HASH).with_columns(
             matched.alias(_STORED)).filter(is_known)
 
     problems = []
@@ -292,13 +293,15 @@ def normalize_segment(raw: pl.DataFrame, config: ActivationConfig,
 
     encoded = [encode_expr(values[field]).alias(field) for field in config.managed_columns]
     accepted = (fresh.join(rejected_rows, on=_ROW, how="anti")
-                .select(*where, *encoded, RAW_HASH, pl.col(_ID_HASH).alias(ID_HASH)))
+                .select(*where, *encoded, pl.col(_RAW_HASH).alias(RAW_HASH),
+                        pl.col(_ID_HASH).alias(ID_HASH)))
     kept = leaving = None
     if unchanged is not None:
         now_rejected = unchanged.get_column(_ROW).is_in(rejected_rows.get_column(_ROW).implode())
         if now_rejected.any():
             unchanged = unchanged.filter(~now_rejected)
-        kept = unchanged.select(pl.col(_ID_HASH).alias(ID_HASH), RAW_HASH)
+        kept = unchanged.select(pl.col(_ID_HASH).alias(ID_HASH),
+                                pl.col(_RAW_HASH).alias(RAW_HASH))
         # every stored row that no kept row matched: changed, gone, or now rejected
         is_kept = pl.zeros(known.height, pl.Boolean, eager=True).scatter(
             unchanged.get_column(_STORED), True)
@@ -333,8 +336,9 @@ def _known_rows(keys: pl.DataFrame, known: pl.DataFrame) -> pl.Series | None:
     if known.select(pl.col(ID_HASH, RAW_HASH).null_count()).sum_horizontal().item():
         return None
     stored = known.select(pl.col(ID_HASH).alias("_stored"), RAW_HASH).with_row_index(_STORED)
-    matched = keys.select(_ID_HASH, RAW_HASH).join(stored, on=RAW_HASH, how="left",
-                                                   maintain_order="left")
+    matched = keys.select(_ID_HASH, _RAW_HASH).join(stored, left_on=_RAW_HASH,
+                                                     right_on=RAW_HASH, how="left",
+                                                     maintain_order="left")
     if matched.height != keys.height:
         return None
     return matched.select(pl.when(pl.col("_stored") == pl.col(_ID_HASH))
@@ -354,10 +358,10 @@ def _people_twice(frame: pl.DataFrame, config: ActivationConfig, where: tuple,
     if unchanged is None:
         same_id = frame.filter(ids.is_duplicated() & ids.is_not_null())
     else:
-        hashes, copies = unchanged.get_column(RAW_HASH), unchanged.get_column(_IDENTIFIER).clear()
+        hashes, copies = unchanged.get_column(_RAW_HASH), unchanged.get_column(_IDENTIFIER).clear()
         # (counting distinct hashes is a quarter of the time of marking the repeated ones)
         if hashes.n_unique() < hashes.len():
-            copies = unchanged.filter(pl.col(RAW_HASH).is_duplicated()).get_column(_IDENTIFIER)
+            copies = unchanged.filter(pl.col(_RAW_HASH).is_duplicated()).get_column(_IDENTIFIER)
         suspects = pl.concat([fresh.get_column(_IDENTIFIER), copies]).drop_nulls().unique()
         same_id = frame.filter(ids.is_in(suspects.implode()))
         same_id = same_id.filter(ids.is_duplicated())

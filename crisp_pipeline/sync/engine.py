@@ -22,9 +22,9 @@ person failed.
 
 Outcomes are handed over after every chunk of units (`on_batch`), which the caller commits in
 one transaction; a `StopRun` (credentials, website) commits what finished and ends the run.
-A `Recorder` also prepares a batch (turns it into frames, no state store) while the batch
-before it commits: the commits keep their order, and the work that needs no store is done
-while the store is busy.
+A `Recorder` prepares a batch (turns it into frames, no state store) apart from committing
+it: the last batch of a phase prepares while the one before it commits (often waiting for the
+state file's checkpoint), and the commits keep their order.
 """
 
 from __future__ import annotations
@@ -239,6 +239,12 @@ class SyncEngine:
                     await self._run(self._data_units(created), on_batch)
         except StopRun as stop:
             self._summary.stopped = stop
+        except Exception:
+            # whatever went wrong (a later batch that could not be recorded), the batches
+            # Crisp confirmed that waited for a busy state store are still recorded
+            with contextlib.suppress(Exception):
+                await self._record_the_unrecorded(on_batch)
+            raise
         await self._record_the_unrecorded(on_batch)
         for person in people:  # never tried (the run stopped first): deferred, not done
             if person.open_units or person.status == "pending":
@@ -292,8 +298,8 @@ class SyncEngine:
         """Keep `max_in_flight` units going continuously (a slot freed is a unit started, no
         waiting for a chunk to drain) and record finished units in the background once they
         hold `chunk` people (a batch of 500 people is recorded as it finishes, not held back
-        until 200 units have), while the next units are in flight: one recording commits
-        at a time, and the next one prepares meanwhile (`Recorder`). Units start no faster
+        until 200 units have), while the next units are in flight, one recording at a time;
+        the last one prepares while the one before it commits (`Recorder`). Units start no faster
         than the client can send them, so that a stop, an empty budget or an open circuit is
         seen by every unit not yet started."""
         slots = asyncio.Semaphore(self.client.max_in_flight)
