@@ -147,15 +147,12 @@ class Batch:
 
 class Recorder:
     """Records batches in two parts: `prepare` (no state store: may run while the previous
-    batch commits) and the commit, `__call__(prepared)`, in order. A plain function is a
-    recorder whose preparation is the batch itself."""
+    batch commits) and `commit(prepared)`, in order. A plain function is a recorder whose
+    preparation is the batch itself."""
 
     def __init__(self, commit: Callable[[Any], None],
                  prepare: Callable[[Batch], Any] = lambda batch: batch) -> None:
         self.prepare, self.commit = prepare, commit
-
-    def __call__(self, prepared: Any) -> None:
-        self.commit(prepared)
 
 
 class SyncEngine:
@@ -275,7 +272,7 @@ class SyncEngine:
             self._unrecorded.append(prepared)
             return
         try:
-            await asyncio.to_thread(on_batch, prepared)
+            await asyncio.to_thread(on_batch.commit, prepared)
         except StateUnavailable as error:
             self._summary.state_unavailable = str(error)
             self._unrecorded.append(prepared)
@@ -287,7 +284,7 @@ class SyncEngine:
         failures = 0
         while self._unrecorded:
             try:
-                await asyncio.to_thread(on_batch, self._unrecorded[0])
+                await asyncio.to_thread(on_batch.commit, self._unrecorded[0])
                 self._unrecorded.pop(0)
             except StateUnavailable:
                 failures += 1
@@ -299,9 +296,9 @@ class SyncEngine:
         waiting for a chunk to drain) and record finished units in the background once they
         hold `chunk` people (a batch of 500 people is recorded as it finishes, not held back
         until 200 units have), while the next units are in flight, one recording at a time;
-        the last one prepares while the one before it commits (`Recorder`). Units start no faster
-        than the client can send them, so that a stop, an empty budget or an open circuit is
-        seen by every unit not yet started."""
+        the last one prepares while the one before it commits (`Recorder`). Units start no
+        faster than the client can send them, so that a stop, an empty budget or an open
+        circuit is seen by every unit not yet started."""
         slots = asyncio.Semaphore(self.client.max_in_flight)
         finished: list[tuple[Unit, list[StepOutcome]]] = []
         finished_people = 0
