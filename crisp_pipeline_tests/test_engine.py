@@ -238,3 +238,28 @@ def test_a_batch_that_cannot_be_prepared_never_costs_the_confirmed_ones_waiting_
               chunk=2, max_in_flight=1)
     recorded = [step.identifier for batch in commits[1:] for step in batch.steps]
     assert commits and set(recorded) >= {step.identifier for step in commits[0].steps}
+
+
+def test_a_unit_that_cannot_be_made_stops_the_sending_and_what_went_out_is_recorded(
+        monkeypatch):
+    """Units are made as the senders take them. When one cannot be made, no sender takes
+    another (none moves on to the next kind of unit); the units already taken finish and
+    are recorded, and the run raises the error."""
+    real, sent = SyncEngine._profile, []
+
+    def broken(self, person):
+        if person.identifier == "p3":
+            raise ValueError("cannot make this unit")
+        return real(self, person)
+    monkeypatch.setattr(SyncEngine, "_profile", broken)
+
+    def handler(request):
+        sent.append(request.url.path)
+        return ok()
+    batches: list[Batch] = []
+    rows = [update(f"p{i}", **{"person.nickname": "N", "data.plan": f"plan{i}"})
+            for i in range(20)]
+    with pytest.raises(ValueError, match="cannot make"):
+        apply(handler, rows, on_batch=batches.append)
+    assert sent == [f"/v1/website/w/people/profile/id-p{i}" for i in range(3)]
+    assert sorted(people_of(batches)) == ["p0", "p1", "p2"]

@@ -116,8 +116,8 @@ def _pausing_refill(monkeypatch, then=None):
 
     real_add, calls, resume = budget_module._add, [], threading.Event()
 
-    def add(connect, token, requests, quota, day=None):
-        granted = real_add(connect, token, requests, quota, day)
+    def add(connect, token, requests, quota, day=None, **options):
+        granted = real_add(connect, token, requests, quota, day, **options)
         calls.append(requests)
         if len(calls) == 2:  # the refill, in its worker
             if then is not None:

@@ -138,3 +138,58 @@ def test_a_run_taking_its_own_lock_again_writes_only_when_its_heartbeat_ages(
     with pytest.raises(locks.ActivationLocked):
         locks.acquire(connect, "a", "run-2", wait_seconds=0,
                       run_active=lambda run_id: True)
+
+
+def test_a_long_sync_writes_its_heartbeat_once_a_minute_not_after_every_batch(tmp_path):
+    """A sync calls `heartbeat` after every batch it records (every 200 people, several a
+    second); the lock is taken over only after `STALE_AFTER` of silence, so the heartbeat is
+    written when it last was longer ago than `REFRESH_AFTER`, and a later run's is its own."""
+    import uuid
+
+    from crisp_pipeline.state import locks
+
+    connect = connect_state(str(tmp_path / "state.duckdb"))
+
+    def written() -> object:
+        with connect() as connection:
+            return connection.execute(
+                f"select heartbeat_at from {locks._table(connection)} "
+                "where activation = 'a'").fetchone()[0]
+
+    one, two = f"run-{uuid.uuid4()}", f"run-{uuid.uuid4()}"
+    locks.acquire(connect, "a", one, wait_seconds=0)
+    locks.heartbeat(connect, "a", one)
+    first = written()
+    locks._BEATEN[("a", one)] -= 30  # as if written half a minute ago
+    locks.heartbeat(connect, "a", one)
+    assert written() == first  # nothing written
+    locks._BEATEN[("a", one)] -= 31  # a minute and a second ago
+    locks.heartbeat(connect, "a", one)
+    assert written() > first
+    locks.release(connect, "a", one)
+    locks.acquire(connect, "a", two, wait_seconds=0)
+    taken = written()
+    locks.heartbeat(connect, "a", two)  # another run: its first heartbeat is written
+    assert written() > taken
+
+
+def test_a_budget_kept_past_midnight_reserves_from_the_new_day(tmp_path, monkeypatch,
+                                                                state_backend):
+    """The budget makes sure of its table once, then only updates the day's row: the next
+    day's first reservation adds that day's row, and yesterday's unspent block goes back."""
+    from crisp_pipeline.state import budget as budgets
+
+    connect = connect_state(str(tmp_path / "state.duckdb"))
+    day = ["2026-12-06"]
+    monkeypatch.setattr(budgets, "_today", lambda: day[0])
+    kept = budgets.StoredBudget(connect, "midnight", 100, block=10)
+    assert kept.try_spend(3)
+    assert spent_today(connect, "midnight") == 10  # a block reserved, 7 of it unspent
+    day[0] = "2026-12-07"
+    assert spent_today(connect, "midnight") == 0
+    assert kept.try_spend(2)
+    assert spent_today(connect, "midnight") == 10
+    kept.close()
+    assert spent_today(connect, "midnight") == 2
+    day[0] = "2026-12-06"
+    assert spent_today(connect, "midnight") == 3  # the 7 unspent went back to their day

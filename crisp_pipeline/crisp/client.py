@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
 from . import contract
@@ -284,18 +284,30 @@ class CrispClient:
     async def _call(self, method: str, path: str, *, route: str,
                     body: Mapping[str, Any] | None = None,
                     params: Mapping[str, Any] | None = None) -> Any:
-        """Send one logical request, retrying what may succeed later; return `data`."""
+        """Send one logical request, retrying what may succeed later; return `data`.
+
+        The first attempt goes out directly; tenacity takes over only once it failed (it
+        decides on that failure as on any other). Entering a retry loop for every request
+        cost about 30 µs of the event loop's time, which the 16 requests in flight share."""
+        started = time.monotonic()
+        try:
+            return await self._attempt(method, path, route, body, params)
+        except RetryLater as error:
+            failed: RetryLater | None = error
         policy = self.retry
         retrying = AsyncRetrying(
             retry=self._should_retry,
             wait=_WaitRetryAfterOrJitter(policy, self._time_left),
-            stop=(stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.max_total_wait)
-                  | self._past_deadline),
+            stop=(stop_after_attempt(policy.max_attempts) | self._past_deadline
+                  | (lambda _: time.monotonic() - started >= policy.max_total_wait)),
             before_sleep=self._note_retry,
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
+                if failed is not None:  # the first attempt, made above
+                    error, failed = failed, None
+                    raise error
                 return await self._attempt(method, path, route, body, params)
         raise AssertionError("unreachable: tenacity either returns or reraises")
 

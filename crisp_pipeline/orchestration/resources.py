@@ -31,7 +31,7 @@ class CrispResource(dg.ConfigurableResource):
     environment variables when a run starts, so the token never enters Dagster's config,
     event log or UI."""
 
-    max_in_flight: int = 16
+    max_in_flight: int = Field(default=16, gt=0, description="Requests in flight at once.")
     requests_per_second: float | None = None
     request_deadline_seconds: float = Field(
         default=30.0, gt=0, description="The longest one request may take, answer included, "

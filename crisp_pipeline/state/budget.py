@@ -50,23 +50,28 @@ def spent_today(connect: Connect, token: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _add(connect: Connect, token: str, requests: int, quota: int, day: str | None = None) -> int:
+def _add(connect: Connect, token: str, requests: int, quota: int, day: str | None = None,
+         *, ensured: bool = False) -> int:
     """Reserve up to `requests` of `day`'s budget (today's by default; a negative number gives
     back); returns how many were granted. One `update ... returning`: the grant is computed
     from the row as the update finds it, so two processes reserving at once (Postgres runs
     them side by side) never both spend the same remainder. A reservation is given back to
-    the day it was taken from, whatever the clock says by then."""
+    the day it was taken from, whatever the clock says by then. `ensured`: the caller already
+    made sure the table exists in this file (its statements were 3.5 of a reservation's
+    4.7 ms, and a sync reserves a block of 50 each time 25 are spent); the day's row is added
+    when missing."""
     day = day or _today()
     granted = ("greatest(least(?, ? - spent), 0)" if requests > 0 else "greatest(?, -spent)")
     params = [requests, quota] if requests > 0 else [requests]
     with connect() as connection:
-        table = _ensure(connection)
-        connection.execute(f"insert into {table} (token, day, spent) values (?, ?::date, 0) "
-                           "on conflict (token, day) do nothing", [token, day])
-        row = connection.execute(
-            f"update {table} set last_granted = {granted}, spent = spent + {granted} "
-            "where token = ? and day = ?::date returning last_granted",
-            [*params, *params, token, day]).fetchone()
+        table = _table(connection) if ensured else _ensure(connection)
+        update = (f"update {table} set last_granted = {granted}, spent = spent + {granted} "
+                  "where token = ? and day = ?::date returning last_granted")
+        row = connection.execute(update, [*params, *params, token, day]).fetchone()
+        if row is None:  # the day's first reservation
+            connection.execute(f"insert into {table} (token, day, spent) values (?, ?::date, "
+                               "0) on conflict (token, day) do nothing", [token, day])
+            row = connection.execute(update, [*params, *params, token, day]).fetchone()
     return int(row[0])
 
 
@@ -87,6 +92,13 @@ class StoredBudget:
         self._closed = False
         self.unavailable: str | None = None  # why the store could not be reached, if so
         self.last_remaining: int | None = None  # what was left when a spend was refused
+        self._ensured = False  # a reservation found (or made) the table: no need to again
+
+    def _grant(self, requests: int, day: str) -> int:
+        granted = _add(self._connect, self.token, requests, self.quota, day,
+                       ensured=self._ensured)
+        self._ensured = True
+        return granted
 
     def try_spend(self, requests: int = 1) -> bool:
         """Pay from what this process reserved; reserve another block from the store when
@@ -98,7 +110,7 @@ class StoredBudget:
             if self._day_changed():  # what is left of yesterday's block goes back to it
                 if self._reserved:
                     with contextlib.suppress(StateUnavailable):
-                        _add(self._connect, self.token, -self._reserved, self.quota, self._day)
+                        self._grant(-self._reserved, self._day)
                 self._day, self._reserved, self._short = _today(), 0, False
             if self._reserved < requests:
                 # after `close` (a request cancelled late), only what it needs: nothing would
@@ -150,7 +162,7 @@ class StoredBudget:
         midnight is given back to the day it was taken from."""
         granted = 0
         try:
-            granted = _add(self._connect, self.token, self.block, self.quota, day)
+            granted = self._grant(self.block, day)
         except Exception as error:  # noqa: BLE001 - a spend that needs the store says why
             log.debug("reserving the next block failed: %s", error)
         with self._lock:
@@ -162,7 +174,7 @@ class StoredBudget:
             self._refilled.notify_all()
         if granted and not kept:
             try:
-                _add(self._connect, self.token, -granted, self.quota, day)
+                self._grant(-granted, day)
             except Exception as error:  # noqa: BLE001 - kept, so over-counted: the safe side
                 log.warning("could not give back %d reserved requests: %s", granted, error)
 
@@ -187,7 +199,7 @@ class StoredBudget:
     def _reserve(self, asked: int) -> None:
         """(Holding the lock.) Ask the store for `asked` more of `_day`'s budget and keep
         what it grants."""
-        granted = _add(self._connect, self.token, asked, self.quota, self._day)
+        granted = self._grant(asked, self._day)
         self._reserved += granted
         self._short = granted < asked
 
@@ -206,7 +218,7 @@ class StoredBudget:
             self._closed = True  # (a block being reserved meanwhile is given back by its worker)
             if self._reserved:
                 with contextlib.suppress(StateUnavailable):
-                    _add(self._connect, self.token, -self._reserved, self.quota, self._day)
+                    self._grant(-self._reserved, self._day)
             self._reserved = 0
 
 

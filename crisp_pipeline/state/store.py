@@ -417,6 +417,7 @@ class StateStore:
         self.website_id = website_id
         self._catalog = ""
         self._dialect = "duckdb"
+        self._duckdb_file: tuple[str, str] | None = None  # (catalog, path) of a DuckDB file
         self._known = _Catalog()
 
     def kept_open(self) -> AbstractContextManager[None]:
@@ -436,10 +437,13 @@ class StateStore:
             if self._dialect == "postgres":  # (no cache: other sessions may change tables)
                 self._catalog, path = connection.execute(
                     "select current_database(), null").fetchone()
-            else:
-                self._catalog, path = connection.execute(
-                    "select database_name, path from duckdb_databases() where database_name = "
-                    "current_database()").fetchone()
+            else:  # (asked once: a store's `connect` opens one file, and asking took 1 ms
+                # of each of the hundred or so sessions of a run)
+                if self._duckdb_file is None:
+                    self._duckdb_file = connection.execute(
+                        "select database_name, path from duckdb_databases() where "
+                        "database_name = current_database()").fetchone()
+                self._catalog, path = self._duckdb_file
             self._known = _catalog_of(path)
             if writing and self.schema not in self._known.schemas:
                 connection.execute(f"create schema if not exists {quote(self.schema)}")

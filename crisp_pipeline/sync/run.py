@@ -82,26 +82,27 @@ class SyncReport:
         }
 
 
-async def _checkpoint_while_sending(store: StateStore, client) -> asyncio.Task | None:
-    """Start checkpointing the run's earlier writes (`StateStore.checkpoint`) in a worker
-    thread, once the budget's first block is reserved: the requests then go out while it
-    runs, and only the sync's own writes are left for the end of the step (1M people, 1%
-    changed: 0.13 s of the 0.26 s checkpoint, in `bench/end_to_end.py`). Recording waits
-    for it like any other use of the file. Not when the budget could not reach the state
-    store (another process holds it: no second wait for it). A failed checkpoint does not
-    stop the sync: the commits are in DuckDB's log, and the file is opened again from it
-    (`state.store._checkpoint_if_held`)."""
+def _checkpoint_while_sending(store: StateStore, client) -> asyncio.Future:
+    """Checkpoint the run's earlier writes (`StateStore.checkpoint`) in a worker thread, once
+    the budget's first block is reserved: the requests then go out while it runs, and only
+    the sync's own writes are left for the end of the step (1M people, 1% changed: 0.13 s of
+    the 0.26 s checkpoint, in `bench/end_to_end.py`). Handed to the worker at once, so that
+    the block is reserved while the engine prepares its first units (a request made before
+    it arrives waits for it in the budget). Recording waits for the checkpoint like any other use of the file. Nothing is
+    checkpointed when the budget could not reach the state store (another process holds it:
+    no second wait for it). A failed checkpoint does not stop the sync: the commits are in
+    DuckDB's log, and the file is opened again from it (`state.store._checkpoint_if_held`)."""
     reserve = getattr(client.budget, "reserve_block", None)
-    if reserve is not None and not await asyncio.to_thread(reserve):
-        return None
 
     def checkpoint() -> None:
+        if reserve is not None and not reserve():
+            return
         try:
             store.checkpoint()
         except Exception as error:  # noqa: BLE001 - see above
             log.warning("could not checkpoint the state file while sending (%s: %s); its "
                         "commits are kept in DuckDB's log", type(error).__name__, error)
-    return asyncio.create_task(asyncio.to_thread(checkpoint))
+    return asyncio.get_running_loop().run_in_executor(None, checkpoint)
 
 
 def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
@@ -169,7 +170,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
 
         async def send() -> SyncSummary:
             async with open_client(settings_factory(), options, connect) as client:
-                checkpointing = await _checkpoint_while_sending(store, client)
+                checkpointing = _checkpoint_while_sending(store, client)
                 try:
                     engine = SyncEngine(client, fields, order=config.order,
                                         batch_size=config.batch_size, progress=progress,
@@ -180,8 +181,7 @@ def apply_change_set(store: StateStore, config: ActivationConfig, run_id: str,
                     return await engine.apply(work.select(ROW_COLUMNS).to_dicts(), record)
                 finally:
                     report.stats = client.stats
-                    if checkpointing is not None:
-                        await checkpointing
+                    await checkpointing
         report.summary = asyncio.run(send())
     held = change_set.filter(pl.col("reason") == HELD).height
     store.record_run({
