@@ -306,7 +306,7 @@ class SyncEngine:
         finished_people = 0
         recording: asyncio.Task | None = None
         waiting = iter(units)  # shared: each unit goes to the first free worker
-        errors: list[BaseException] = []  # a worker's error (a recording's) stops them all
+        errors: list[Exception] = []  # a worker's error (a recording's) stops them all
         closing = False  # no worker starts another unit
 
         def record_finished() -> None:

@@ -88,10 +88,11 @@ def _checkpoint_while_sending(store: StateStore, client) -> asyncio.Future:
     the sync's own writes are left for the end of the step (1M people, 1% changed: 0.13 s of
     the 0.26 s checkpoint, in `bench/end_to_end.py`). Handed to the worker at once, so that
     the block is reserved while the engine prepares its first units (a request made before
-    it arrives waits for it in the budget). Recording waits for the checkpoint like any other use of the file. Nothing is
-    checkpointed when the budget could not reach the state store (another process holds it:
-    no second wait for it). A failed checkpoint does not stop the sync: the commits are in
-    DuckDB's log, and the file is opened again from it (`state.store._checkpoint_if_held`)."""
+    it arrives waits for it in the budget). Recording waits for the checkpoint like any
+    other use of the file. Nothing is checkpointed when the budget could not reach the state
+    store (another process holds it: no second wait for it). A failed checkpoint does not
+    stop the sync: the commits are in DuckDB's log, and the file is opened again from it
+    (`state.store._checkpoint_if_held`)."""
     reserve = getattr(client.budget, "reserve_block", None)
 
     def checkpoint() -> None:
