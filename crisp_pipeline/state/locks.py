@@ -38,6 +38,9 @@ STALE_AFTER = timedelta(minutes=10)
 # ago than this: the heartbeat stays far from stale, and a step spares a write transaction.
 REFRESH_AFTER = timedelta(minutes=1)
 POLL_SECONDS = 0.5
+# When this process last wrote each (activation, run_id)'s heartbeat (`time.monotonic()`):
+# see `heartbeat`
+_BEATEN: dict[tuple[str, str], float] = {}
 
 
 class ActivationLocked(RuntimeError):
@@ -163,10 +166,6 @@ def release(connect: Connect, activation: str, run_id: str) -> None:
         connection.execute(f"delete from {table} where activation = ? and run_id = ?",
                            [activation, run_id])
     _BEATEN.pop((activation, run_id), None)
-
-
-# When this process last wrote each (activation, run_id)'s heartbeat (`time.monotonic()`)
-_BEATEN: dict[tuple[str, str], float] = {}
 
 
 def heartbeat(connect: Connect, activation: str, run_id: str) -> None:
